@@ -1,0 +1,32 @@
+# lorafleet: `make demo` runs the main job on the embedded model, `make test` runs the suite.
+# Both install first. Installing is idempotent: a second run does nothing unless pyproject.toml changed.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+export FLWR_TELEMETRY_ENABLED = 0
+
+.PHONY: install demo test lint typecheck clean-venv
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+demo: install
+	$(BIN)/lorafleet demo
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check .
+
+typecheck: install
+	$(BIN)/mypy
+
+clean-venv:
+	rm -rf $(VENV)

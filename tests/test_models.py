@@ -1,0 +1,127 @@
+"""The foundation-model loader: every spec kind, and every bad-spec path."""
+
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+
+from export.errors import ModelSpecError
+from export.models import EMBEDDED_NAME, check_gguf, list_models, load_model, parse_spec
+
+
+def test_random_tiny_is_seeded_and_described():
+    a = load_model("random:tiny")
+    b = load_model("random:tiny")
+    c = load_model("random:tiny", seed=1)
+    pa, pb, pc = (dict(m.model.named_parameters()) for m in (a, b, c))
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    assert not all(torch.equal(pa[k], pc[k]) for k in pa)
+    info = a.info
+    assert (info.num_layers, info.hidden_size, info.architecture) == (2, 64, "LlamaForCausalLM")
+    assert info.num_parameters == sum(p.numel() for p in a.model.parameters())
+    assert info.module_shapes["q_proj"] == (64, 64) and info.module_shapes["k_proj"] == (32, 64)
+
+
+def test_random_tiny_tokenizer_round_trips_and_formats_chat():
+    tok = load_model("random:tiny").tokenizer
+    text = "Grüße, 12 + 30 = 42!"
+    ids = tok(text)["input_ids"]
+    assert max(ids) < 256 and tok.decode(ids) == text
+    chat = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                   add_generation_prompt=True)
+    assert chat.endswith("<|im_start|>assistant\n")
+    assert tok.convert_tokens_to_ids("<|im_end|>") == 258
+
+
+@pytest.mark.parametrize("arch,layers,hidden,vocab", [
+    ("smollm2-360m", 32, 960, 49152), ("smollm2-1.7b", 24, 2048, 49152),
+    ("llama-3.2-1b", 16, 2048, 128256), ("qwen2.5-0.5b", 24, 896, 151936),
+])
+def test_published_architectures_build_with_their_shapes(arch, layers, hidden, vocab):
+    from transformers import AutoConfig
+
+    from export.architectures import ARCHITECTURES
+
+    cfg = AutoConfig.for_model(ARCHITECTURES[arch].model_type, **ARCHITECTURES[arch].hf_config_dict())
+    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size) == (layers, hidden, vocab)
+
+
+def test_hf_directory_round_trip(tmp_path):
+    src = load_model("random:tiny")
+    src.model.save_pretrained(tmp_path / "m")
+    src.tokenizer.save_pretrained(tmp_path / "m")
+    back = load_model(str(tmp_path / "m"))
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        assert torch.allclose(src.model(ids).logits, back.model(ids).logits)
+    assert back.tokenizer is not None
+
+
+def test_list_models_names_every_required_spec():
+    specs = {row["spec"] for row in list_models()}
+    for s in [EMBEDDED_NAME, "random:tiny", "random:smollm2-135m", "random:smollm2-360m",
+              "random:smollm2-1.7b", "random:llama-3.2-1b", "random:qwen2.5-0.5b"]:
+        assert s in specs
+
+
+# --- bad specs ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("spec,match", [
+    ("", "empty model spec"),
+    ("gpt-17", "unknown model spec 'gpt-17'"),
+    ("random:gpt-17", "unknown architecture 'gpt-17'"),
+    ("/no/such/dir", "model path not found"),
+    ("/no/such/model.gguf", "GGUF file not found"),
+])
+def test_bad_specs_name_the_problem(spec, match):
+    with pytest.raises(ModelSpecError, match=match):
+        parse_spec(spec)
+
+
+def test_directory_without_config_is_refused(tmp_path):
+    with pytest.raises(ModelSpecError, match="no config.json"):
+        parse_spec(str(tmp_path))
+
+
+def test_file_that_is_not_gguf_is_refused(tmp_path):
+    f = tmp_path / "weights.bin"
+    f.write_bytes(b"hello")
+    with pytest.raises(ModelSpecError, match="neither a .gguf file nor"):
+        parse_spec(str(f))
+
+
+def test_gguf_with_bad_magic_is_corrupt(tmp_path):
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"NOTGGUF" + bytes(100))
+    with pytest.raises(ModelSpecError, match="bad magic"):
+        parse_spec(str(f))
+
+
+def test_gguf_with_garbage_header_is_corrupt(tmp_path):
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"GGUF" + struct.pack("<I", 3) + b"\xff" * 64)
+    with pytest.raises(ModelSpecError, match="corrupt"):
+        parse_spec(str(f))
+
+
+def _write_small_gguf(path: Path) -> None:
+    import numpy as np
+    from gguf import GGUFWriter
+
+    w = GGUFWriter(str(path), "llama")
+    w.add_tensor("token_embd.weight", np.ones((16, 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_truncated_gguf_is_detected(tmp_path):
+    good = tmp_path / "good.gguf"
+    _write_small_gguf(good)
+    check_gguf(good)  # complete: no error
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(good.read_bytes()[:-100])
+    with pytest.raises(ModelSpecError, match="truncated"):
+        parse_spec(str(cut))
