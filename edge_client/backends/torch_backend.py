@@ -35,8 +35,10 @@ class TorchBackend:
         self.rank, self.lora_alpha, self.use_rslora = rank, float(lora_alpha), use_rslora
         self.model_spec, self.target_modules = model_spec, sorted(target_modules)
         base = load_model(model_spec, attn_implementation="eager", with_tokenizer=False).model
-        config = LoraConfig(r=rank, lora_alpha=lora_alpha, target_modules=self.target_modules, lora_dropout=0.0,
-                            use_rslora=use_rslora, bias="none", task_type="CAUSAL_LM")
+        # PEFT annotates lora_alpha as int but divides it as a number; packages may carry a float alpha
+        config = LoraConfig(r=rank, lora_alpha=lora_alpha,  # type: ignore[arg-type]
+                            target_modules=self.target_modules, lora_dropout=0.0, use_rslora=use_rslora,
+                            bias="none", task_type="CAUSAL_LM")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.model = get_peft_model(base, config)
