@@ -22,8 +22,9 @@ from edge_client.data import Example, batches, encode_all
 from edge_client.memory import peak_rss_bytes, reset_peak_rss
 from edge_client.self_prune import PruneDecision, SelfPruneConfig, regularizer_step
 from edge_client.self_prune import self_prune as apply_self_prune
-from export.adapter import Adapter, truncate
-from export.errors import AdapterError, ConfigError
+from export.adapter import Adapter
+from export.errors import ConfigError
+from export.lora import LoraSpec, conform
 from export.package import Package, open_package
 
 COMPILED = ("executorch", "onnxruntime")  # backends whose programs have a fixed batch shape
@@ -72,7 +73,9 @@ def train_local(package: Package | str | Path, rank: int, backend: str | Trainin
     _seed_everything(seed)
     be = _backend(pkg, rank, backend, optimizer)
     if initial_adapter is not None:
-        be.load_adapter(fit_rank(initial_adapter, rank))
+        m = pkg.manifest
+        spec = LoraSpec(rank, tuple(m.target_modules), m.lora_alpha, m.use_rslora)
+        be.load_adapter(conform(initial_adapter, spec, expected=None))  # truncated if larger, rescaled
     from edge_client.tokenizer import load_tokenizer
 
     encoded = encode_all(load_tokenizer(pkg.manifest.model.spec), examples, pkg.manifest.seq_len)
@@ -94,16 +97,6 @@ def train_local(package: Package | str | Path, rank: int, backend: str | Trainin
     return TrainResult(adapter=adapter, losses=losses, peak_rss_bytes=peak_rss_bytes(),
                        step_seconds=statistics.median(seconds), num_examples=len(examples), rank=adapter.r,
                        trained_rank=rank, backend=be.name, prune=decision)
-
-
-def fit_rank(adapter: Adapter, rank: int) -> Adapter:
-    """``adapter`` at ``rank``: truncated if larger (HetLoRA distribution), refused if smaller."""
-    if adapter.ranks == {rank}:
-        return adapter
-    if min(adapter.ranks) < rank:
-        raise AdapterError(f"the adapter has rank {min(adapter.ranks)}, below the rank {rank} to train "
-                           f"(ranks never grow; train rank {min(adapter.ranks)} or lower)")
-    return truncate(adapter, rank)
 
 
 def _batch_size(pkg: Package, backend: str | TrainingBackend, batch_size: int | None) -> int:
