@@ -141,7 +141,7 @@ def _profiled_rank(settings: NodeSettings, pkg: Package, round_timeout: float, l
         return int(json.loads(cache.read_text())["rank"])
     from edge_client.profiler import profile_device
 
-    result = profile_device(_device(settings), pkg, backend, budgets)
+    result = profile_device(_device(settings, pkg), pkg, backend, budgets)
     rank = result.selected_rank or P.NO_RANK
     if cache is not None:
         from export.atomic import atomic_write_text
@@ -150,14 +150,15 @@ def _profiled_rank(settings: NodeSettings, pkg: Package, round_timeout: float, l
     return rank
 
 
-def _device(settings: NodeSettings) -> Any:
-    from edge_client.device import emulate, matmul_gflops, measure_device
-
-    if settings.measure:
-        return measure_device()
+def _device(settings: NodeSettings, pkg: Package) -> Any:
+    """This machine measured at the package's layer shapes, or the profile's device emulated on it (as
+    ``lorafleet profile`` does)."""
+    from edge_client.device import emulate, measure_device
     from edge_client.profiles import load_profile
 
-    return emulate(load_profile(settings.profile), matmul_gflops())
+    tokens = pkg.manifest.batch_size * pkg.manifest.seq_len
+    host = measure_device(tuple((tokens, i, o) for o, i in pkg.manifest.model.module_shapes.values()))
+    return host if settings.measure else emulate(load_profile(settings.profile), host.gflops)
 
 
 def _decision_cache(settings: NodeSettings, pkg: Package, backend: str, budgets: Any) -> Path | None:

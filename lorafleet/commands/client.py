@@ -24,8 +24,9 @@ def register(app: typer.Typer) -> None:
         server: Annotated[str, typer.Option("--server", metavar="HOST:PORT", help="The server's address.")],
         package: Annotated[Path, typer.Option("--package", help="The edge package (the server's).")],
         data: Annotated[Path, typer.Option("--data", metavar="FILE", help="Local training data (JSONL).")],
-        profile: Annotated[Path | None, typer.Option("--profile", metavar="FILE",
-                                                     help="Emulate the device of this profile (TOML).")] = None,
+        profile: Annotated[str | None, typer.Option("--profile", metavar="FILE",
+                                                    help="Emulate the device of this profile (a TOML file, or a "
+                                                         "name in profiles/).")] = None,
         measure: Annotated[bool, typer.Option("--measure", help="Measure this machine (e.g. a Jetson).")] = False,
         backend: Annotated[str, typer.Option("--backend", metavar="B",
                                              help="executorch, onnxruntime or torch (default: the first the "
@@ -37,6 +38,7 @@ def register(app: typer.Typer) -> None:
         """Run a lorafleet device on Flower (SuperNode + the lorafleet ClientApp)."""
         from edge_client.data import read_jsonl
         from edge_client.flower_client import NodeSettings, resolve_backend
+        from edge_client.profiles import load_profile, resolve_profile_path
         from export.package import open_package
         from lorafleet.federation import Tls, run_client
 
@@ -44,8 +46,12 @@ def register(app: typer.Typer) -> None:
             raise ConfigError("give exactly one of --profile FILE (an emulated device) or --measure (this machine)")
         pkg = open_package(package)  # checks every file once; the ClientApp then trusts the package
         examples = read_jsonl(data).examples
+        profile_path = ""
+        if profile is not None:
+            load_profile(profile)  # a one-line error now rather than in the ClientApp
+            profile_path = str(resolve_profile_path(profile).resolve())
         settings = NodeSettings(package=str(package.resolve()), data=str(data.resolve()), backend=backend,
-                                profile=str(profile.resolve()) if profile else "", measure=measure)
+                                profile=profile_path, measure=measure)
         chosen = resolve_backend(settings, pkg)
         if not root_certificates:
             typer.echo("lorafleet: warning: no --root-certificates: the connection to the server is plaintext")
