@@ -81,7 +81,7 @@ class LoraFleetStrategy(FedAvg):
 
     def __init__(self, *, global_adapter: Adapter, state: ServerState, limits: ReplyLimits,
                  settings: TrainSettings, checkpoint: Checkpoint | None = None, min_clients: int = 2,
-                 fraction: float = 1.0) -> None:
+                 min_valid: int | None = None, fraction: float = 1.0) -> None:
         super().__init__(fraction_train=fraction, fraction_evaluate=0.0, min_train_nodes=min_clients,
                          min_available_nodes=min_clients)
         self.global_adapter = global_adapter
@@ -89,6 +89,7 @@ class LoraFleetStrategy(FedAvg):
         self.limits = limits
         self.settings = settings
         self.checkpoint = checkpoint
+        self.min_valid = min_clients if min_valid is None else min_valid
         self.round_offset = state.round  # Flower counts rounds from 1 in every run; a resumed run continues
         self._sent: dict[int, int] = {}  # node id -> rank sent this round
         self._round_started = 0.0
@@ -183,7 +184,7 @@ class LoraFleetStrategy(FedAvg):
         start = time.perf_counter()
         updates, dropped = self._validated(list(replies))
         validated = time.perf_counter()
-        aggregated = len(updates) >= self.min_train_nodes
+        aggregated = len(updates) >= self.min_valid
         if aggregated:
             ordered = sorted(updates.values(), key=_digest)  # arrival order and node ids never matter
             self.global_adapter = aggregate(self.state.method, [u.adapter for u in ordered],
@@ -192,7 +193,7 @@ class LoraFleetStrategy(FedAvg):
                 self.state.node_ranks.update({str(n): u.rank for n, u in updates.items()})
         else:
             log(WARNING, "round %d: %d valid replies, fewer than the minimum %d: the global adapter is kept",
-                rnd, len(updates), self.min_train_nodes)
+                rnd, len(updates), self.min_valid)
         done = time.perf_counter()
         entry = self._history_entry(rnd, updates, dropped, aggregated,
                                     {"configure": self._configure_seconds, "validation": validated - start,

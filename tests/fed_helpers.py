@@ -219,7 +219,7 @@ def flower(name: str, *args: str) -> list[str]:
     return [str(Path(sys.executable).parent / name), *args]
 
 
-def test_env(cache: Path) -> dict[str, str]:
+def process_env(cache: Path) -> dict[str, str]:
     """Environment of every process the deployment tests start: this checkout first on PYTHONPATH, the
     interpreter's bin on PATH, a private lorafleet cache (rank decisions), no Flower telemetry."""
     env = dict(os.environ)

@@ -32,8 +32,12 @@ def register(app: typer.Typer) -> None:
         state: Annotated[Path, typer.Option("--state", metavar="DIR",
                                             help="State directory: global/ adapter, state.json, Flower's files.")],
         min_clients: Annotated[int, typer.Option("--min-clients", min=1,
-                                                 help="Devices to wait for before a round, and valid replies "
-                                                      "needed to update the global adapter.")] = 2,
+                                                 help="Devices to wait for before a round, and (unless "
+                                                      "--min-valid) valid replies needed to update the global "
+                                                      "adapter.")] = 2,
+        min_valid: Annotated[int, typer.Option("--min-valid", min=0,
+                                               help="Valid replies needed to update the global adapter "
+                                                    "(default: --min-clients).")] = 0,
         fraction: Annotated[float, typer.Option("--fraction", help="Share of connected devices per round.")] = 1.0,
         round_timeout: Annotated[float, typer.Option("--round-timeout", metavar="S",
                                                      help="Seconds to wait for replies; also each device's time "
@@ -58,8 +62,8 @@ def register(app: typer.Typer) -> None:
 
         config = ServerConfig(package=str(package.resolve()), method=method, rounds=rounds,
                               state_dir=str(state.resolve()), resume=resume, min_clients=min_clients,
-                              fraction=fraction, round_timeout=round_timeout, seed=seed, local_steps=local_steps,
-                              lr=lr)
+                              min_valid=min_valid, fraction=fraction, round_timeout=round_timeout, seed=seed,
+                              local_steps=local_steps, lr=lr)
         final = run_serve(config, address, Tls(ssl_certfile, ssl_keyfile, ssl_ca_certfile), echo=typer.echo)
         typer.echo(f"lorafleet: {final.method} finished: round {final.round} of {final.rounds}; global adapter in "
                    f"{state / 'global'}")
