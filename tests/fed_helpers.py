@@ -76,12 +76,22 @@ class LoopbackGrid:
 
 def wire(content: Any) -> tuple[Any, int]:
     """``content`` after a trip through Flower's object encoding, and the number of bytes that travelled."""
+    root, objects = encode(content)
+    return decode(root, objects), sum(len(b) for b in objects.values())
+
+
+def encode(content: Any) -> tuple[str, dict[str, bytes]]:
+    """What the sender does: every nested record, array and array chunk deflated to bytes (object id -> bytes)."""
     from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    return content.object_id, {oid: obj.deflate() for oid, obj in get_all_nested_objects(content).items()}
+
+
+def decode(root: str, objects: dict[str, bytes]) -> Any:
+    """What the receiver does: inflate the objects back into a RecordDict."""
     from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
 
-    objects = {oid: obj.deflate() for oid, obj in get_all_nested_objects(content).items()}
-    size = sum(len(b) for b in objects.values())
-    return inflate_object_from_contents(content.object_id, objects), size
+    return inflate_object_from_contents(root, dict(objects))
 
 
 # --- devices for validation tests -------------------------------------------------------------------------
@@ -226,6 +236,7 @@ def process_env(cache: Path) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(p for p in [str(ROOT), env.get("PYTHONPATH", "")] if p)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.update(LORAFLEET_CACHE=str(cache), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1")
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see lorafleet.federation.flower_env
     return env
 
 

@@ -213,4 +213,4 @@ def test_misbehaving_devices_are_dropped_and_the_others_aggregated(serve_run):
             assert sum(pattern in r for r in reasons) == 1, (pattern, reasons)
     final = read_adapter(serve_run.state / "global")
     assert all(torch.isfinite(t).all() for t in final.state_dict().values())
-    assert "dropped" in serve_run.procs.log("serve-1")
+    assert "dropped" in serve_run.procs.log("serve-1") + serve_run.procs.log("serve-2")
