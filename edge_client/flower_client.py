@@ -181,10 +181,12 @@ def _decision_cache(settings: NodeSettings, pkg: Package, backend: str, budgets:
 
 
 def resolve_backend(settings: NodeSettings, pkg: Package) -> str:
-    """``settings.backend``, or for ``auto`` the first runtime both the device (profile) and the package have."""
+    """``settings.backend``, or for ``auto``: the first of the profile's runtimes the package has, and for a
+    measured device ONNX Runtime before ExecuTorch (ORT trained 1.65x faster than eager torch on SmolLM2-135M,
+    the plain ExecuTorch training program 6.9x slower; docs/STACK.md)."""
     if settings.backend != "auto":
         return settings.backend
-    have = [RUNTIME_BACKENDS[rt] for rt in pkg.manifest.runtimes if rt in RUNTIME_BACKENDS]
+    have = [RUNTIME_BACKENDS[rt] for rt in ("onnx", "executorch") if rt in pkg.manifest.runtimes]
     wanted = have
     if settings.profile:
         from edge_client.profiles import load_profile

@@ -90,13 +90,15 @@ def adapter_record(adapter: Adapter) -> Any:
 
 def adapter_from_arrays(arrays: Mapping[str, np.ndarray], r: int, lora_alpha: float, *,
                         use_rslora: bool = False, target_modules: Iterable[str] | None = None,
-                        origin: str = "message") -> Adapter:
+                        origin: str = "message", check_finite: bool = True) -> Adapter:
     """A rank-``r`` adapter at scaling ``lora_alpha / r`` from message arrays (checked by
-    :func:`export.adapter.adapter_from_state_dict`: LoRA keys only, consistent shapes, float, finite)."""
+    :func:`export.adapter.adapter_from_state_dict`: LoRA keys only, consistent shapes, float, and finite
+    unless the caller already checked). float32 arrays are shared, not copied."""
+    import numpy as np
     import torch
 
-    tensors = {key: torch.from_numpy(a.astype("float32", copy=True)) for key, a in arrays.items()}
+    tensors = {key: torch.from_numpy(np.require(a, np.float32, ["C", "W"])) for key, a in arrays.items()}
     targets = sorted(target_modules) if target_modules is not None else sorted(
         {k.split(".lora_")[0].rsplit(".", 1)[-1] for k in arrays})
     config: dict[str, Any] = peft_config(targets, r, lora_alpha, use_rslora=use_rslora)
-    return adapter_from_state_dict(tensors, config, origin=origin)
+    return adapter_from_state_dict(tensors, config, origin=origin, check_finite=check_finite)

@@ -93,7 +93,8 @@ def validate_train_reply(content: RecordDict, sent_rank: int, limits: ReplyLimit
     arrays = _check_arrays(content.array_records[P.ARRAYS], P.expected_shapes(limits.module_shapes, rank))
     try:
         adapter = P.adapter_from_arrays(arrays, rank, limits.lora_alpha, use_rslora=limits.use_rslora,
-                                        target_modules=limits.target_modules or None, origin="reply")
+                                        target_modules=limits.target_modules or None, origin="reply",
+                                        check_finite=False)  # every value was checked above
     except AdapterError as exc:
         raise RejectedUpdate(str(exc)) from None
     return Update(adapter, num_examples, rank, metrics)
