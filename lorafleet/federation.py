@@ -102,10 +102,11 @@ def serve(config: Any, address: str, tls: Tls, *, echo: Callable[[str], None] = 
              f"{config.state_dir})")
         _flwr(["log", str(run_id), CONNECTION, "--stream"], home, stdout=None)
         status = _run_status(home, run_id)
-    state, _ = ckpt.load()
-    if status != "finished:completed" or not state.finished:
-        raise FederationError(f"run {run_id} ended {status} after round {state.round} of {config.rounds} (SuperLink "
-                              f"log: {home / 'superlink.log'}); restart with --resume to continue")
+    state = ckpt.load()[0] if ckpt.exists() else None
+    if status != "finished:completed" or state is None or not state.finished:
+        done = f"after round {state.round} of {config.rounds}" if state else "before its first checkpoint"
+        raise FederationError(f"run {run_id} ended {status} {done} (SuperLink log: {home / 'superlink.log'}); "
+                              f"restart with --resume to continue")
     return state
 
 
@@ -223,9 +224,11 @@ def stop_process(proc: subprocess.Popen[Any], timeout: float = 10.0) -> None:
 def _die_with_parent() -> None:
     """In the child, before exec: get SIGKILL when the parent dies (Linux ``prctl(PR_SET_PDEATHSIG)``)."""
     if sys.platform.startswith("linux"):
+        import contextlib
         import ctypes
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+        with contextlib.suppress(OSError, AttributeError):  # no glibc: the child outlives a killed parent
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
 
 
 @contextmanager
