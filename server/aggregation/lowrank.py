@@ -13,10 +13,11 @@ Solvers:
   W = Q_P (R_P R_Qᵀ) Q_Qᵀ and the SVD of the small K×K core gives U = Q_P U_c, V = Q_Q V_c. Cost
   O((out + in) K² + K³); W (out × in) is never formed and no full-size SVD is taken.
 * ``gram`` (used when K > min(out, in), where W has no low-rank factorization to exploit): W is formed once
-  by one GEMM, then the symmetric eigendecomposition of the smaller Gram matrix (WᵀW or WWᵀ, min(out, in)
-  square) in float64 gives the singular vectors; only the top R are kept. A direct method, not an iterative
-  one, so it is exact to rounding; squaring W costs precision only for singular values ~1e-8·σ_1 and below,
-  which float64 keeps far under the float32 result's own rounding.
+  by one GEMM, then the top R eigenpairs of the smaller Gram matrix (WᵀW or WWᵀ, min(out, in) square) in
+  float64 give the singular vectors (LAPACK ``dsyevr`` with an index range: only R eigenvectors are
+  computed). A direct method, not an iterative one, so it is exact to rounding: in float64 the squared
+  singular values keep ~16 digits relative to σ_1², so components down to ~1e-6·σ_1 are resolved far below
+  the float32 result's own rounding.
 
 Everything after the stacking is float64; callers cast the factors back.
 """
@@ -69,22 +70,28 @@ def _factored(lefts: Sequence[torch.Tensor], rights: Sequence[torch.Tensor],
 
 def _gram(lefts: Sequence[torch.Tensor], rights: Sequence[torch.Tensor],
           rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    import scipy.linalg
     import torch
 
     wide = torch.promote_types(torch.promote_types(lefts[0].dtype, rights[0].dtype), torch.float32)
     w = (torch.cat([x.to(wide) for x in lefts], dim=1) @ torch.cat([x.to(wide) for x in rights], dim=0))
-    w = w.to(torch.float64)  # (out, in), one GEMM in the adapters' precision, the rest in float64
-    if w.shape[1] <= w.shape[0]:
-        _, vecs = torch.linalg.eigh(w.T @ w)  # (in, in), eigenvalues ascending
-        v = vecs[:, -rank:].flip(1) if rank else vecs[:, :0]  # (in, R) = V_R
-        return w @ v, v.T  # U_R S_R = W V_R
-    _, vecs = torch.linalg.eigh(w @ w.T)  # (out, out)
-    u = vecs[:, -rank:].flip(1) if rank else vecs[:, :0]  # (out, R) = U_R
-    sv = u.T @ w  # (R, in) = S_R V_Rᵀ
-    s = sv.norm(dim=1)  # (R,)
+    w64 = w.to(torch.float64).numpy()  # (out, in), one GEMM in the adapters' precision, the rest in float64
+    del w
+    tall = w64.shape[1] <= w64.shape[0]
+    gram = w64.T @ w64 if tall else w64 @ w64.T  # (m, m), m = min(out, in); numpy uses a SYRK here
+    m = gram.shape[0]
+    rank = min(rank, m)
+    # Only the top `rank` eigenpairs (LAPACK dsyevr with an index range), in descending order.
+    _, vecs = scipy.linalg.eigh(gram, subset_by_index=[m - rank, m - 1], driver="evr")
+    top = torch.from_numpy(vecs[:, ::-1].copy())  # (m, R), a fresh array: torch refuses negative strides
+    wt = torch.from_numpy(w64)
+    if tall:
+        return wt @ top, top.T  # B = W V_R = U_R S_R, A = V_Rᵀ
+    sv = top.T @ wt  # (R, in) = S_R V_Rᵀ
+    s = sv.norm(dim=1)  # (R,) singular values
     keep = s > 0
     a = torch.where(keep[:, None], sv / torch.where(keep, s, 1.0)[:, None], 0.0)
-    return u * s, a
+    return top * s, a  # B = U_R S_R, A = V_Rᵀ
 
 
 def _pad(b: torch.Tensor, a: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
