@@ -16,10 +16,12 @@ the precision the package's programs run in (fp32 weights and activations, no ac
 FLOPs follow the usual count (Kaplan et al. 2020, arXiv:2001.08361; DEVICES.md §3b: ≈ 4·P + 6·P_lora per
 token for LoRA, frozen weights need no weight gradient)::
 
-    FLOPs/step = s·b · (4·P_matmul + 6·P_lora(r) + 8·L·s·nh·hd)
+    FLOPs/step = s·b · (4·P_matmul + 6·P_lora(r) + 12·L·s·nh·hd)
 
 with ``P_matmul`` the weights used in matrix products (every decoder linear plus the LM head; the embedding
-lookup costs none) and the last term the two attention products, forward and backward. These are
+lookup costs none) and the last term the two attention products (QKᵀ and AV: 4·s·nh·hd per token and layer
+forward, twice that backward). ``tests/test_export_lora.py`` checks it against ``torch.utils.flop_counter``
+(it over-counts by the layer-0 input gradient autograd skips, ~1/L of the backward). These are
 estimates for planning (rank choice); ``bench/export.py`` measures real steps.
 """
 
@@ -67,7 +69,7 @@ def flops_per_step(model: ModelSection, target_modules: list[str], r: int, seq_l
     shapes = model.module_shapes
     linear = model.num_layers * sum(out * inp for out, inp in shapes.values())
     p_matmul = linear + model.hidden_size * model.vocab_size
-    attention = 8 * model.num_layers * seq_len * model.num_attention_heads * _head_dim(model)
+    attention = 12 * model.num_layers * seq_len * model.num_attention_heads * _head_dim(model)
     per_token = 4 * p_matmul + 6 * lora_parameters(model, target_modules, r) + attention
     return seq_len * batch_size * per_token
 

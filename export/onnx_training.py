@@ -41,29 +41,40 @@ def export_onnx_training(loss_module: Any, example: tuple[Any, Any], out_dir: Pa
                          shared: SharedExternalData) -> list[str]:
     """Write the ORT training artifacts of ``loss_module`` into ``out_dir`` (created); returns the LoRA names.
 
-    ``example`` is ``(input_ids, labels)``, each int64 ``(B, T)``: the shapes are fixed in the graphs.
+    ``example`` is ``(input_ids, labels)``, each int64 ``(B, T)``: the shapes are fixed in the graphs. The
+    frozen weights go to ``shared`` before ORT sees the graph, so ORT's builder works on references only;
+    ORT resolves them relative to the working directory when it optimizes a graph held in memory, hence the
+    ``chdir`` into ``out_dir``.
     """
+    import contextlib
+
+    import onnx_ir as ir
     from onnxruntime.training import artifacts
 
     from export.onnx_graph import fold_weight_transposes, strip_metadata
 
     quiet_onnxruntime()
-    proto = to_onnx(loss_module, example)
-    names = [t.name for t in proto.graph.initializer]
+    model = to_onnx(loss_module, example)
+    names = list(model.graph.initializers)
     lora = [n for n in names if _LORA_NAME.match(n)]
     if not lora:
         raise ExportError("the exported ONNX graph has no LoRA initializers (were the PEFT names lost?)")
-    strip_metadata(proto)
-    fold_weight_transposes(proto, [n for n in names if n not in lora])
+    strip_metadata(model)
+    fold_weight_transposes(model, set(names) - set(lora))
+    out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True)  # generate_artifacts does not create it
-    artifacts.generate_artifacts(proto, requires_grad=lora, frozen_params=None,
-                                 optimizer=artifacts.OptimType.AdamW, artifact_directory=str(out_dir))
-    _externalize(out_dir, shared)
+    with shared.linked_into(out_dir) as local, contextlib.chdir(out_dir):
+        shared.externalize(model, out_dir, skip=set(lora), location=local)
+        proto = ir.serde.serialize_model(model)
+        del model
+        artifacts.generate_artifacts(proto, requires_grad=lora, frozen_params=None,
+                                     optimizer=artifacts.OptimType.AdamW, artifact_directory=".")
+    _finish_outputs(out_dir, shared, local)
     return lora
 
 
 def to_onnx(loss_module: Any, example: tuple[Any, Any]) -> Any:
-    """The loss module as an ``onnx.ModelProto`` (dynamo exporter, parameter names kept)."""
+    """The loss module as an ``onnx_ir.Model`` (dynamo exporter, parameter names kept, weights not copied)."""
     import logging
     import warnings
 
@@ -79,7 +90,7 @@ def to_onnx(loss_module: Any, example: tuple[Any, Any]) -> Any:
             raise ExportError(f"ONNX export failed: {str(exc).strip().splitlines()[0]}") from exc
     if prog is None:
         raise ExportError("ONNX export returned no program")
-    return prog.model_proto
+    return prog.model
 
 
 def quiet_onnxruntime() -> None:
@@ -89,13 +100,15 @@ def quiet_onnxruntime() -> None:
     onnxruntime.set_default_logger_severity(3)
 
 
-def _externalize(out_dir: Path, shared: SharedExternalData) -> None:
+def _finish_outputs(out_dir: Path, shared: SharedExternalData, local: str) -> None:
+    """Point the saved graphs at the shared file; anything ORT's builder inlined goes there too."""
     import onnx
 
     for name in ("training_model.onnx", "eval_model.onnx"):
         path = out_dir / name
-        model = onnx.load(str(path))
-        shared.externalize(model, out_dir)
+        model = onnx.load(str(path), load_external_data=False)
+        shared.relocate(model, local, out_dir)
+        shared.externalize_proto(model, out_dir)
         onnx.save(model, str(path))
 
 
@@ -145,6 +158,7 @@ class OnnxTrainer:
         self._module = Module(str(self.dir / "training_model.onnx"), self._state, eval_model)
         self._optimizer = Optimizer(str(self.dir / "optimizer_model.onnx"), self._module)
         self._optimizer.set_learning_rate(self.lr)
+        self._stepped = False  # AdamW moments are still zero
         self.names = _lora_names(name for name, p in self._state.parameters if p.requires_grad)
 
     # -- training --
@@ -154,6 +168,7 @@ class OnnxTrainer:
         loss = self._module(*self._inputs(input_ids, labels))
         self._optimizer.step()
         self._module.lazy_reset_grad()
+        self._stepped = True
         return float(loss)
 
     def loss(self, input_ids: Any, labels: Any) -> float:
@@ -184,12 +199,12 @@ class OnnxTrainer:
         """Load ``adapter`` (truncated to this rank if larger, rescaled to the compiled scaling).
 
         ``reset_optimizer`` (the default, a new federated round) restarts AdamW: ORT keeps the moments in
-        the checkpoint state, so the session is reopened from the packaged checkpoint first.
+        the checkpoint state, so the session is reopened from the packaged checkpoint first (if it stepped).
         """
         import numpy as np
 
         adapter = conform(adapter, self.spec, expected=set(self.names))
-        if reset_optimizer:
+        if reset_optimizer and self._stepped:
             self._open()
         params = self._state.parameters
         for module, n in self.names.items():
