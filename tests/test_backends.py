@@ -119,3 +119,38 @@ def test_make_backend_errors(pkg):
     if "onnx" in pkg.manifest.runtimes:
         with pytest.raises(ConfigError, match="compiled as AdamW"):
             make_backend("onnxruntime", pkg, RANK, OptimizerConfig(weight_decay=0.1))
+
+
+@pytest.fixture(scope="module")
+def et_program(tmp_path_factory, pkg):
+    """The package's rank-4 training program lowered by export.executorch (the shared tiny package has no
+    ExecuTorch programs yet): random:tiny + LoRA on the package's targets, batch × seq_len of the package."""
+    from export.executorch import FoundationStore, load_training, lower_training
+    from export.lora import LoraSpec, attach_lora
+    from export.models import load_model
+
+    m = pkg.manifest
+    model = load_model(m.model.spec, attn_implementation="eager", with_tokenizer=False).model
+    peft_model = attach_lora(model, LoraSpec(RANK, tuple(m.target_modules), m.lora_alpha))
+    lowered = lower_training(peft_model, m.batch_size, m.seq_len)
+    out = tmp_path_factory.mktemp("et")
+    lowered.write(out / "training.pte")
+    store = FoundationStore()
+    store.add(lowered.foundation)
+    store.write(out / "foundation.ptd")
+    return load_training(out / "training.pte", out / "foundation.ptd")
+
+
+def test_executorch_program_losses_agree_with_torch(et_program, tiny_batches, reference):
+    from edge_client.backends.executorch_backend import ExecutorchBackend
+
+    be = ExecutorchBackend(et_program, RANK, OptimizerConfig(lr=1e-2))
+    be.load_adapter(nonzero_adapter(RANK))
+    losses = [be.step(b) for b in tiny_batches]
+    ref_losses, ref_adapter = reference
+    assert np.allclose(losses, ref_losses, atol=1e-4), (losses, ref_losses)
+    adapter = be.adapter_state()
+    for mod, p in ref_adapter.modules.items():
+        assert torch.allclose(adapter.modules[mod].lora_B, p.lora_B, atol=1e-4)
+    with pytest.raises(AdapterError, match=r"adapter has rank \[2\], the program trains rank 4"):
+        be.load_adapter(nonzero_adapter(2))
