@@ -2,7 +2,7 @@
 profiler selects for every device profile.
 
     PYTHONPATH=. .venv/bin/python bench/profiler.py --package PKG [--backends onnxruntime,executorch,torch]
-        [--steps 3] [--time-budget 120] [--out docs/bench/profiler.json]
+        [--steps 3] [--time-budgets none,120,60] [--out docs/bench/profiler.json]
 
 For each backend the profiler's own procedure runs first (fresh processes at the smallest and largest packaged
 rank, a linear fit, a prediction for every rank); then every packaged rank is measured again, independently,
@@ -35,11 +35,14 @@ def main() -> None:
     ap.add_argument("--package", required=True, type=Path)
     ap.add_argument("--backends", default="onnxruntime,executorch,torch")
     ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--time-budget", type=float, default=120.0)
+    ap.add_argument("--time-budgets", default="none,120,60",
+                    help="round-time budgets (seconds, or none) to select ranks under, at --memory-fraction 0.9")
     ap.add_argument("--out", type=Path, default=Path("docs/bench/profiler.json"))
     args = ap.parse_args()
 
     pkg = open_package(args.package)
+    budgets = [Budgets(time_budget_seconds=None if t == "none" else float(t)) for t in args.time_budgets.split(",")]
+    budgets.append(Budgets(memory_fraction=0.5))
     m = pkg.manifest
     tokens = m.batch_size * m.seq_len
     shapes = [(tokens, i, o) for o, i in m.model.module_shapes.values()]
@@ -55,14 +58,15 @@ def main() -> None:
         if backend != "torch" and runtime not in m.runtimes:
             print(f"skip {backend}: the package has no {runtime} programs", file=sys.stderr)
             continue
-        report["backends"][backend] = _bench_backend(pkg, backend, args.steps, host_gflops, args.time_budget)
+        report["backends"][backend] = _bench_backend(pkg, backend, args.steps, host_gflops, budgets)
     report["load_after"] = os.getloadavg()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     _print_summary(report)
 
 
-def _bench_backend(pkg: Any, backend: str, steps: int, host_gflops: float, time_budget: float) -> dict[str, Any]:
+def _bench_backend(pkg: Any, backend: str, steps: int, host_gflops: float,
+                   budgets: list[Budgets]) -> dict[str, Any]:
     host = emulate_host(host_gflops)
     t0 = time.perf_counter()
     result = profile_device(host, pkg, backend, Budgets(), steps=steps)
@@ -77,17 +81,19 @@ def _bench_backend(pkg: Any, backend: str, steps: int, host_gflops: float, time_
             "predicted_peak_bytes": p.peak_bytes, "measured_peak_bytes": meas.peak_rss_bytes,
             "peak_error": round(p.peak_bytes / meas.peak_rss_bytes - 1, 4),
             "predicted_step_seconds": round(p.step_seconds, 5), "measured_step_seconds": round(meas.step_seconds, 5),
-            "step_error": round(p.step_seconds / meas.step_seconds - 1, 4),
+            "step_error": round(p.step_seconds / meas.step_seconds - 1, 4), "load_1min": os.getloadavg()[0],
         })
         print(f"{backend} r={r}: {rows[-1]}", file=sys.stderr, flush=True)
     selections = []
     for prof in load_all():
         dev = emulate(prof, host_gflops)
-        decision = choose_rank(dev, result.predictions, Budgets(time_budget_seconds=time_budget))
-        selections.append({"profile": prof.id, "selected_rank": decision.selected_rank,
-                           "verdict": decision.reasons[-1]})
+        for b in budgets:
+            decision = choose_rank(dev, result.predictions, b)
+            selections.append({"profile": prof.id, "memory_fraction": b.memory_fraction,
+                               "time_budget_seconds": b.time_budget_seconds, "selected_rank": decision.selected_rank,
+                               "verdict": decision.reasons[-1]})
     return {"profile_seconds": round(profile_seconds, 1), "fit_reasons": result.decision.reasons[:2],
-            "ranks": rows, "time_budget_seconds": time_budget, "selections": selections}
+            "ranks": rows, "selections": selections}
 
 
 def emulate_host(host_gflops: float) -> Any:
@@ -122,7 +128,8 @@ def _print_summary(report: dict[str, Any]) -> None:
                   f"{row['measured_step_seconds'] * 1e3:8.1f}  {row['step_error']:+6.1%}"
                   f"{'  (fit point)' if row['fit_point'] else ''}")
         for s in b["selections"]:
-            print(f"  {s['profile']:<24} rank {s['selected_rank']}")
+            print(f"  {s['profile']:<24} mem {s['memory_fraction']:.1f} time {s['time_budget_seconds']}: "
+                  f"rank {s['selected_rank']}  ({s['verdict'][:90]})")
 
 
 if __name__ == "__main__":
