@@ -283,12 +283,14 @@ def _remove_empty_dirs(top: Path | None, stop: Path) -> None:
 
 
 def _chmod_like_mkdir(path: Path) -> None:
-    """The staging directory was created private (``mkdtemp``); give it a plain ``mkdir``'s mode."""
+    """Staged files may be private (``mkdtemp``, ``mkstemp``); give them a plain ``mkdir`` / ``open`` mode."""
     import os
 
     umask = os.umask(0)
     os.umask(umask)
     path.chmod(0o777 & ~umask)
+    for p in path.rglob("*"):
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
 
 
 def _created_by() -> str:

@@ -160,9 +160,11 @@ class RankContext:
     cfg: ExportConfig
     writer: PackageWriter
     batch: tuple[Any, Any]  # (input_ids, labels), int64 (B, T)
-    onnx_shared: Any | None  # export.onnx_graph.SharedExternalData
     seconds: dict[str, float]
     log: Log
+    onnx_shared: Any | None = None  # export.onnx_graph.SharedExternalData
+    et_store: Any | None = None  # export.executorch.FoundationStore
+    initial: dict[int, Adapter] = field(default_factory=dict)  # each rank's packaged LoRA weights
 
     def timed(self, stage: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         t0 = time.perf_counter()
@@ -171,53 +173,43 @@ class RankContext:
         return out
 
 
-def export_rank(ctx: RankContext, model: Any, r: int, init: Adapter | None) -> tuple[Any, list[Check]]:
-    """attach → wrap loss → export → verify → detach for rank ``r``; returns the base model and the checks."""
+def compile_rank(ctx: RankContext, model: Any, r: int, init: Adapter | None) -> tuple[Any, list[Check]]:
+    """attach → wrap loss → export ONNX (+ verify) → lower ExecuTorch → detach; returns the base model."""
     from export.loss import CausalLMLoss
+    from export.stages import export_onnx_rank, lower_executorch_rank
 
     spec = ctx.cfg.lora(r)
     ctx.log(f"rank {r}: attach LoRA")
     peft_model = ctx.timed("attach", attach_lora, model, spec, conform(init, spec, None) if init else None)
     peft_model.eval()
-    initial = read_lora(peft_model, spec, base_model=ctx.cfg.model)
-    write_adapter(initial, ctx.writer.path(r, "adapter"))
-    loss_module = CausalLMLoss(peft_model)
+    ctx.initial[r] = read_lora(peft_model, spec, base_model=ctx.cfg.model)
+    write_adapter(ctx.initial[r], ctx.writer.path(r, "adapter"))
     checks: list[Check] = []
     if "onnx" in ctx.cfg.runtimes:
-        ctx.log(f"rank {r}: export ONNX Runtime training artifacts")
-        checks += export_onnx_rank(ctx, peft_model, loss_module, spec, initial)
+        ctx.log(f"rank {r}: export ONNX Runtime training artifacts and verify them")
+        checks += export_onnx_rank(ctx, peft_model, CausalLMLoss(peft_model), spec)
     if "executorch" in ctx.cfg.runtimes:
-        ctx.log(f"rank {r}: lower ExecuTorch programs")
-        checks += lower_executorch_rank(ctx, peft_model, loss_module, spec, initial)
+        ctx.log(f"rank {r}: lower ExecuTorch inference and training programs")
+        lower_executorch_rank(ctx, peft_model, spec)
     return detach_lora(peft_model), checks
 
 
-def export_onnx_rank(ctx: RankContext, peft_model: Any, loss_module: Any, spec: LoraSpec,
-                     initial: Adapter) -> list[Check]:
-    from export.lora import load_lora
-    from export.onnx_training import OnnxTrainer, export_onnx_training
-    from export.verify import StepResult, compare_adapters, compare_step, eager_step, probe_adapter
+def verify_executorch(ctx: RankContext, model: Any) -> tuple[Any, list[Check]]:
+    """Write the shared ``.ptd``, then check every rank's ExecuTorch programs loaded with it."""
+    from export.stages import verify_executorch_rank
 
-    out = ctx.writer.path(spec.r, "onnx_training")
-    ctx.timed("export_onnx", export_onnx_training, loss_module, ctx.batch, out, ctx.onnx_shared)
-    t0 = time.perf_counter()
-    trainer = OnnxTrainer(out, spec, input_shape=tuple(ctx.batch[0].shape))
-    checks = compare_adapters(spec.r, "onnx_training", trainer.get_lora(), initial)
-    probe = probe_adapter(initial, spec)
-    load_lora(peft_model, spec, probe)
-    trainer.set_lora(probe)
-    loss, grads = trainer.gradients(*ctx.batch)
-    want = eager_step(peft_model, loss_module, ctx.batch)
-    checks += compare_step(spec.r, "onnx_training", StepResult(loss, grads), want)
-    load_lora(peft_model, spec, initial)
-    del trainer
-    ctx.seconds["verify"] = ctx.seconds.get("verify", 0.0) + time.perf_counter() - t0
-    return checks
-
-
-def lower_executorch_rank(ctx: RankContext, peft_model: Any, loss_module: Any, spec: LoraSpec,
-                          initial: Adapter) -> list[Check]:
-    raise ConfigError("the ExecuTorch runtime is not available in this build yet; use --runtimes onnx")
+    assert ctx.et_store is not None
+    ctx.log("write the shared ExecuTorch foundation")
+    ctx.timed("lower_executorch", ctx.et_store.write, ctx.writer.foundation("executorch"))
+    checks: list[Check] = []
+    for r in ctx.cfg.ranks:
+        ctx.log(f"rank {r}: verify ExecuTorch programs")
+        spec = ctx.cfg.lora(r)
+        peft_model = attach_lora(model, spec, ctx.initial[r])
+        peft_model.eval()
+        checks += ctx.timed("verify", verify_executorch_rank, ctx, peft_model, spec)
+        model = detach_lora(peft_model)
+    return model, checks
 
 
 # --- the whole pipeline ---------------------------------------------------------------------------------
@@ -239,21 +231,27 @@ def run_export(cfg: ExportConfig, log: Log = lambda _msg: None) -> ExportResult:
     batch = example_batch(section.vocab_size, cfg.batch_size, cfg.seq_len, seed=VERIFY_SEED)
     model = lm.model
     with write_package(cfg.out, overwrite=cfg.force) as writer:
-        shared = None
+        ctx = RankContext(cfg, writer, batch, seconds, log)
         if "onnx" in cfg.runtimes:
             from export.onnx_graph import SharedExternalData
 
-            shared = SharedExternalData(writer.foundation("onnx"))
-        ctx = RankContext(cfg, writer, batch, shared, seconds, log)
+            ctx.onnx_shared = SharedExternalData(writer.foundation("onnx"))
+        if "executorch" in cfg.runtimes:
+            from export.executorch import FoundationStore
+
+            ctx.et_store = FoundationStore()
         checks: list[Check] = []
-        records = []
         for r in cfg.ranks:
-            model, rank_checks = export_rank(ctx, model, r, init)
+            model, rank_checks = compile_rank(ctx, model, r, init)
             checks += rank_checks
-            records.append(RankRecord(r, trainable_parameters(shapes, r),
-                                      estimate(section, list(cfg.target_modules), r, cfg.seq_len, cfg.batch_size)))
+        if ctx.et_store is not None:
+            model, et_checks = verify_executorch(ctx, model)
+            checks += et_checks
         raise_if_failed(checks)
         t1 = time.perf_counter()
+        records = [RankRecord(r, trainable_parameters(shapes, r),
+                              estimate(section, list(cfg.target_modules), r, cfg.seq_len, cfg.batch_size))
+                   for r in cfg.ranks]
         spec = PackageSpec(section, sorted(cfg.target_modules), cfg.lora_alpha, cfg.seq_len, cfg.batch_size,
                            list(cfg.runtimes), cfg.quantize)
         manifest = writer.finish(spec, records, verification_section(

@@ -10,7 +10,7 @@ import pytest  # noqa: E402
 
 # The edge package other areas' tests share: `random:tiny`, ranks 2/4/8 on q_proj,v_proj, 16-token sequences.
 TINY_PACKAGE = {"model": "random:tiny", "ranks": (2, 4, 8), "target_modules": ("q_proj", "v_proj"),
-                "lora_alpha": 16.0, "seq_len": 16, "batch_size": 1, "runtimes": ("onnx",)}
+                "lora_alpha": 16.0, "seq_len": 16, "batch_size": 1, "runtimes": ("executorch", "onnx")}
 
 
 @pytest.fixture(scope="session")
