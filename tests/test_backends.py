@@ -71,9 +71,6 @@ def reference(pkg, tiny_batches):
 
 @pytest.mark.parametrize("name", ["onnxruntime", "executorch"])
 def test_per_step_losses_agree_with_torch(pkg, tiny_batches, reference, name):
-    runtime = {"onnxruntime": "onnx", "executorch": "executorch"}[name]
-    if runtime not in pkg.manifest.runtimes:
-        pytest.skip(f"the shared tiny package has no {runtime} programs")
     ref_losses, ref_adapter = reference
     losses, adapter = _run(pkg, name, tiny_batches)
     assert np.allclose(losses, ref_losses, atol=1e-4), (losses, ref_losses)
@@ -85,7 +82,7 @@ def test_per_step_losses_agree_with_torch(pkg, tiny_batches, reference, name):
         assert torch.allclose(q.lora_A, p.lora_A, atol=1e-4) and torch.allclose(q.lora_B, p.lora_B, atol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["torch", "onnxruntime"])
+@pytest.mark.parametrize("name", BACKENDS)
 def test_adapter_round_trip_and_rescaling(pkg, tiny_batches, name):
     be = make_backend(name, pkg, RANK, OptimizerConfig(lr=1e-2))
     start = nonzero_adapter(RANK, seed=3)
@@ -99,7 +96,7 @@ def test_adapter_round_trip_and_rescaling(pkg, tiny_batches, name):
     assert be.step(tiny_batches[0]) == pytest.approx(loss, abs=1e-5)
 
 
-@pytest.mark.parametrize("name", ["torch", "onnxruntime"])
+@pytest.mark.parametrize("name", BACKENDS)
 def test_wrong_rank_or_modules_are_refused(pkg, name):
     be = make_backend(name, pkg, RANK, OptimizerConfig())
     with pytest.raises(AdapterError, match=r"adapter has rank \[2\], the program trains rank 4"):
@@ -116,41 +113,6 @@ def test_make_backend_errors(pkg):
         make_backend("tflite", pkg, RANK, OptimizerConfig())
     with pytest.raises(Exception, match=r"the package has no rank 16 \(ranks: \[2, 4, 8\]\)"):
         make_backend("torch", pkg, 16, OptimizerConfig())
-    if "onnx" in pkg.manifest.runtimes:
-        with pytest.raises(ConfigError, match="compiled as AdamW"):
-            make_backend("onnxruntime", pkg, RANK, OptimizerConfig(weight_decay=0.1))
+    with pytest.raises(ConfigError, match="compiled as AdamW"):
+        make_backend("onnxruntime", pkg, RANK, OptimizerConfig(weight_decay=0.1))
 
-
-@pytest.fixture(scope="module")
-def et_program(tmp_path_factory, pkg):
-    """The package's rank-4 training program lowered by export.executorch (the shared tiny package has no
-    ExecuTorch programs yet): random:tiny + LoRA on the package's targets, batch × seq_len of the package."""
-    from export.executorch import FoundationStore, load_training, lower_training
-    from export.lora import LoraSpec, attach_lora
-    from export.models import load_model
-
-    m = pkg.manifest
-    model = load_model(m.model.spec, attn_implementation="eager", with_tokenizer=False).model
-    peft_model = attach_lora(model, LoraSpec(RANK, tuple(m.target_modules), m.lora_alpha))
-    lowered = lower_training(peft_model, m.batch_size, m.seq_len)
-    out = tmp_path_factory.mktemp("et")
-    lowered.write(out / "training.pte")
-    store = FoundationStore()
-    store.add(lowered.foundation)
-    store.write(out / "foundation.ptd")
-    return load_training(out / "training.pte", out / "foundation.ptd")
-
-
-def test_executorch_program_losses_agree_with_torch(et_program, tiny_batches, reference):
-    from edge_client.backends.executorch_backend import ExecutorchBackend
-
-    be = ExecutorchBackend(et_program, RANK, OptimizerConfig(lr=1e-2))
-    be.load_adapter(nonzero_adapter(RANK))
-    losses = [be.step(b) for b in tiny_batches]
-    ref_losses, ref_adapter = reference
-    assert np.allclose(losses, ref_losses, atol=1e-4), (losses, ref_losses)
-    adapter = be.adapter_state()
-    for mod, p in ref_adapter.modules.items():
-        assert torch.allclose(adapter.modules[mod].lora_B, p.lora_B, atol=1e-4)
-    with pytest.raises(AdapterError, match=r"adapter has rank \[2\], the program trains rank 4"):
-        be.load_adapter(nonzero_adapter(2))
