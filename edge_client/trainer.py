@@ -55,7 +55,8 @@ def train_local(package: Package | str | Path, rank: int, backend: str | Trainin
     """Train ``rank`` of ``package`` on ``examples`` for ``steps`` steps and return the result.
 
     ``backend`` is a name (``executorch``, ``onnxruntime``, ``torch``) or a backend built earlier for this
-    package and rank (a long-lived client reuses it across rounds). ``initial_adapter`` defaults to the
+    package and rank (a long-lived client reuses it across rounds; it keeps the optimizer settings it was built
+    with, and ``initial_adapter`` then resets its optimizer state). ``initial_adapter`` defaults to the
     package's initial weights; a larger-rank adapter is truncated to ``rank`` (HetLoRA's distribution), a
     smaller one is refused. ``batch_size`` defaults to the package's; compiled programs take only that one.
     ``self_prune``: ``True`` (paper defaults) or a :class:`SelfPruneConfig` turns on HetLoRA self-pruning.

@@ -71,9 +71,6 @@ def reference(pkg, tiny_batches):
 
 @pytest.mark.parametrize("name", ["onnxruntime", "executorch"])
 def test_per_step_losses_agree_with_torch(pkg, tiny_batches, reference, name):
-    runtime = {"onnxruntime": "onnx", "executorch": "executorch"}[name]
-    if runtime not in pkg.manifest.runtimes:
-        pytest.skip(f"the shared tiny package has no {runtime} programs")
     ref_losses, ref_adapter = reference
     losses, adapter = _run(pkg, name, tiny_batches)
     assert np.allclose(losses, ref_losses, atol=1e-4), (losses, ref_losses)
@@ -85,7 +82,7 @@ def test_per_step_losses_agree_with_torch(pkg, tiny_batches, reference, name):
         assert torch.allclose(q.lora_A, p.lora_A, atol=1e-4) and torch.allclose(q.lora_B, p.lora_B, atol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["torch", "onnxruntime"])
+@pytest.mark.parametrize("name", BACKENDS)
 def test_adapter_round_trip_and_rescaling(pkg, tiny_batches, name):
     be = make_backend(name, pkg, RANK, OptimizerConfig(lr=1e-2))
     start = nonzero_adapter(RANK, seed=3)
@@ -99,7 +96,7 @@ def test_adapter_round_trip_and_rescaling(pkg, tiny_batches, name):
     assert be.step(tiny_batches[0]) == pytest.approx(loss, abs=1e-5)
 
 
-@pytest.mark.parametrize("name", ["torch", "onnxruntime"])
+@pytest.mark.parametrize("name", BACKENDS)
 def test_wrong_rank_or_modules_are_refused(pkg, name):
     be = make_backend(name, pkg, RANK, OptimizerConfig())
     with pytest.raises(AdapterError, match=r"adapter has rank \[2\], the program trains rank 4"):
@@ -116,6 +113,6 @@ def test_make_backend_errors(pkg):
         make_backend("tflite", pkg, RANK, OptimizerConfig())
     with pytest.raises(Exception, match=r"the package has no rank 16 \(ranks: \[2, 4, 8\]\)"):
         make_backend("torch", pkg, 16, OptimizerConfig())
-    if "onnx" in pkg.manifest.runtimes:
-        with pytest.raises(ConfigError, match="compiled as AdamW"):
-            make_backend("onnxruntime", pkg, RANK, OptimizerConfig(weight_decay=0.1))
+    with pytest.raises(ConfigError, match="compiled as AdamW"):
+        make_backend("onnxruntime", pkg, RANK, OptimizerConfig(weight_decay=0.1))
+

@@ -16,8 +16,9 @@ from lorafleet.cli import main
 TRAIN_KEYS = ["losses", "peak_rss_bytes", "step_seconds", "num_examples", "rank"]
 
 
-def test_train_local_on_onnxruntime(tiny_package):
-    res = train_local(tiny_package, 4, "onnxruntime", EXAMPLES, initial_adapter=nonzero_adapter(8), steps=4,
+@pytest.mark.parametrize("backend", ["onnxruntime", "executorch"])
+def test_train_local_on_a_compiled_backend(tiny_package, backend):
+    res = train_local(tiny_package, 4, backend, EXAMPLES, initial_adapter=nonzero_adapter(8), steps=4,
                       lr=1e-2, seed=0)
     assert len(res.losses) == 4 and res.rank == res.trained_rank == 4 and res.num_examples == 4
     assert res.peak_rss_bytes > 50 << 20 and res.step_seconds > 0 and res.prune is None
