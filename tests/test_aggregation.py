@@ -144,8 +144,8 @@ class _Recorder(TorchDispatchMode):
         return out
 
 
-def test_factored_path_never_materializes_out_by_in():
-    out, inp = 600, 500
+@pytest.mark.parametrize(("out", "inp"), [(600, 500), (500, 600)])
+def test_factored_path_never_materializes_out_by_in(out, inp):
     shapes = {Q: (out, inp)}
     clients = [make_adapter(r, 16, seed=i, shapes=shapes) for i, r in enumerate([4, 8, 16])]
     k = 28
@@ -203,3 +203,12 @@ def test_a_new_method_is_one_registry_entry(monkeypatch):
     clients = mixed_clients()
     got = aggregate("first", clients)
     assert max_rel_err(got, deltas(clients[0])) < 1e-6
+
+
+def test_hetlora_above_r_max_pads_with_zero_components():
+    clients = [make_adapter(2, 16, seed=1), make_adapter(4, 16, seed=2)]
+    got = aggregate("hetlora", clients, rank=7)
+    assert got.ranks == {7}
+    for p in got.modules.values():
+        assert torch.count_nonzero(p.lora_A[4:]) == 0 and torch.count_nonzero(p.lora_B[:, 4:]) == 0
+    assert max_rel_err(got, dense_hetlora(clients)) < 1e-6
