@@ -1,7 +1,7 @@
 """ExecuTorch training step time against eager torch+PEFT on the same CPU, per lowering backend.
 
     PYTHONPATH=. .venv/bin/python bench/executorch_training.py [--model smollm2-135m] [--rank 8]
-        [--backends portable,linear,xnnpack] [--steps 12] [--threads 2] [--json docs/bench/executorch-training.json]
+        [--backends portable,linear,xnnpack] [--steps 12] [--threads 2,1] [--json docs/bench/executorch-training.json]
 
 For each backend the training program is lowered (time and peak RSS recorded), loaded against its foundation
 file, checked against eager (loss and LoRA gradients on the same batch), then timed: eager steps
@@ -28,12 +28,7 @@ import torch
 
 def main() -> None:
     args = _parse()
-    from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
-
     from export.executorch.training import TrainingLowering
-
-    torch.set_num_threads(args.threads)
-    _unsafe_reset_threadpool(args.threads)
 
     model = _peft_model(args.model, args.rank)
     g = torch.Generator().manual_seed(0)
@@ -46,9 +41,10 @@ def main() -> None:
                               "backends": {}}
     for backend in args.backends.split(","):
         with tempfile.TemporaryDirectory(prefix="et-bench-") as tmp:
-            row = _lower(model, TrainingLowering(backend), args, Path(tmp))  # type: ignore[arg-type]
-            row.update(_check_and_time(model, Path(tmp), ids, labels, args.steps))
-        row["ratio_et_over_eager"] = row["et_ms"] / row["eager_ms"]
+            row = _lower(model, TrainingLowering(backend), args, Path(tmp))
+            _check(model, Path(tmp), ids, labels, row)
+            for threads in (int(t) for t in args.threads.split(",")):
+                row[f"threads={threads}"] = _time(model, Path(tmp), ids, labels, args.steps, threads)
         report["backends"][backend] = row
         print(json.dumps({backend: row}), flush=True)
     report["loadavg_end"] = os.getloadavg()
@@ -66,7 +62,8 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=32)
     p.add_argument("--backends", default="portable,linear,xnnpack")
     p.add_argument("--steps", type=int, default=12)
-    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads = ExecuTorch threadpool size")
+    p.add_argument("--threads", default="2,1", help="torch intra-op threads = ExecuTorch threadpool size; a list "
+                   "times each")
     p.add_argument("--json", default="")
     return p.parse_args()
 
@@ -98,8 +95,9 @@ def _lower(model: Any, lowering: Any, args: argparse.Namespace, out: Path) -> di
             "peak_rss_gb_so_far": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
 
 
-def _check_and_time(model: Any, out: Path, ids: torch.Tensor, labels: torch.Tensor, steps: int) -> dict[str, Any]:
-    from export.executorch import AdamWConfig, HostAdamW, load_training
+def _check(model: Any, out: Path, ids: torch.Tensor, labels: torch.Tensor, row: dict[str, Any]) -> None:
+    """Load the program and compare one step with eager: loss and every LoRA gradient."""
+    from export.executorch import load_training
     from export.executorch.wrappers import peft_key
 
     program = load_training(out / "training.pte", out / "foundation.ptd")
@@ -108,7 +106,21 @@ def _check_and_time(model: Any, out: Path, ids: torch.Tensor, labels: torch.Tens
     ref.backward()
     ref_grads = {peft_key(n): p.grad for n, p in model.named_parameters() if p.requires_grad}
     step = program.step(ids, labels)
-    grad_err = max(float((step.gradients[k] - g).abs().max()) for k, g in ref_grads.items())
+    row.update(loss_eager=float(ref.detach()), loss_et=step.loss,
+               max_grad_abs_diff=max(float((step.gradients[k] - g).abs().max()) for k, g in ref_grads.items()),
+               max_grad_abs=max(float(g.abs().max()) for g in ref_grads.values()))
+
+
+def _time(model: Any, out: Path, ids: torch.Tensor, labels: torch.Tensor, steps: int,
+          threads: int) -> dict[str, Any]:
+    """Median ms per training step (forward, backward, AdamW) of eager and ExecuTorch, steps interleaved."""
+    from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+
+    from export.executorch import AdamWConfig, HostAdamW, load_training
+
+    torch.set_num_threads(threads)
+    _unsafe_reset_threadpool(threads)  # before loading: XNNPACK keeps a pointer to the pool it was built with
+    program = load_training(out / "training.pte", out / "foundation.ptd")
     opt = HostAdamW(program, AdamWConfig(lr=1e-4))
     ref_opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     eager_ms, et_ms = [], []
@@ -122,9 +134,10 @@ def _check_and_time(model: Any, out: Path, ids: torch.Tensor, labels: torch.Tens
         t = time.perf_counter()
         opt.step(program.step(ids, labels).gradients)
         et_ms.append(1000 * (time.perf_counter() - t))
-    return {"loss_eager": float(ref), "loss_et": step.loss, "max_grad_abs_diff": grad_err,
-            "eager_ms": round(statistics.median(eager_ms[2:]), 1), "et_ms": round(statistics.median(et_ms[2:]), 1),
-            "time_loadavg": [load0, os.getloadavg()[0]], "steps": steps}
+    eager, et = statistics.median(eager_ms[2:]), statistics.median(et_ms[2:])
+    return {"eager_ms": round(eager, 1), "et_ms": round(et, 1), "et_over_eager": round(et / eager, 3),
+            "eager_min_ms": round(min(eager_ms[2:]), 1), "et_min_ms": round(min(et_ms[2:]), 1),
+            "loadavg": [round(load0, 2), round(os.getloadavg()[0], 2)], "steps": steps}
 
 
 def _machine() -> str:

@@ -69,3 +69,27 @@ def test_replace_empty_permuted():
     assert torch.ops.aten.permute.default in targets(ep)
     out = ep.module()(x)
     assert out.shape == (2, 3, 4) and torch.equal(out, x * 2)
+
+
+def test_unshare_constants_gives_each_user_its_own_placeholder():
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4, 6))
+            self.pinned = nn.Parameter(torch.randn(6, 6))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = torch.nn.functional.linear(x, self.w)  # (N, 4)
+            return y @ self.w + (x @ self.pinned) @ self.pinned  # w and pinned each read twice
+
+    from export.executorch.passes import unshare_constants
+
+    torch.manual_seed(0)
+    m, x = Shared(), torch.randn(3, 6)
+    ep = export(m, (x,))
+    keep = {ph for ph, fqn in ep.graph_signature.inputs_to_parameters.items() if fqn == "pinned"}
+    assert unshare_constants(ep, keep_inside=keep) == 1
+    w_placeholders = [ph for ph, fqn in ep.graph_signature.inputs_to_parameters.items() if fqn == "w"]
+    assert len(w_placeholders) == 2  # same fqn (same bytes in the data file), one placeholder per user
+    assert all(len(n.users) == 1 for n in ep.graph.nodes if n.name in w_placeholders)
+    assert torch.allclose(ep.module()(x), m(x))

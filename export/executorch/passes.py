@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 from torch.export import ExportedProgram
+from torch.export.graph_signature import InputKind, InputSpec, TensorArgument
 
 
 def replace_empty_permuted(ep: ExportedProgram) -> int:
@@ -144,3 +145,43 @@ def tag_delegate_constants(ep: ExportedProgram, tag: str, keep_inside: set[str])
             node.meta.setdefault("custom", {})["delegate_constant_tag"] = tag
             changed += 1
     return changed
+
+
+def unshare_constants(ep: ExportedProgram, keep_inside: set[str]) -> int:
+    """Give each user of a shared frozen constant its own placeholder (same tensor, same fully qualified name).
+
+    Before::
+
+        p_w ─┬─> linear(x, p_w)        # forward, delegated to XNNPACK
+             └─> mm(dy, p_w)           # backward, another XNNPACK partition
+
+    After::
+
+        p_w_copy_0 ──> linear(x, p_w_copy_0)     # InputSpec target: the same fqn, no bytes copied
+        p_w ─────────> mm(dy, p_w)
+
+    ExecuTorch needs one placeholder per partition and makes the copies itself, one constant at a time with a
+    whole-graph rebuild (and a deep copy of the tensor) each time: quadratic on a training graph with hundreds of
+    shared weights. Doing all of them in one pass is linear; nothing changes in what the program computes or
+    stores (delegates key weights by content, ExecuTorch by the fqn the copies share).
+    """
+    sig = ep.graph_signature
+    kinds = {InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR}
+    spec_of = {s.arg.name: s for s in sig.input_specs if isinstance(s.arg, TensorArgument)}
+    new_specs: list[InputSpec] = []
+    changed = 0
+    for node in [n for n in ep.graph.nodes if n.op == "placeholder"]:
+        spec = spec_of[node.name]
+        users = list(node.users)
+        if spec.kind in kinds and node.name not in keep_inside and len(users) > 1:
+            for i, user in enumerate(users[1:]):
+                with ep.graph.inserting_before(node):
+                    copy = ep.graph.placeholder(f"{node.name}_copy_{i}")
+                copy.meta = dict(node.meta)
+                user.replace_input_with(node, copy)
+                new_specs.append(InputSpec(spec.kind, TensorArgument(copy.name), spec.target, spec.persistent))
+                changed += 1
+        new_specs.append(spec)
+    if changed:
+        ep.graph_signature.input_specs = new_specs
+    return _finish(ep, changed)

@@ -25,12 +25,18 @@ from torch.export.experimental import _export_forward_backward
 
 from export.errors import ExportError
 from export.executorch.lower import FOUNDATION_TAG, LoweredProgram, check_positive, foundation_tagger, serialize
-from export.executorch.partition import GemmXnnpackPartitioner, pinned_placeholders
+from export.executorch.partition import (
+    GemmXnnpackPartitioner,
+    check_topological,
+    pinned_placeholders,
+    sort_graph_once,
+)
 from export.executorch.passes import (
     cancel_transpose_pairs,
     mm_to_linear,
     replace_empty_permuted,
     tag_delegate_constants,
+    unshare_constants,
 )
 from export.executorch.spec import LORA_METHOD, LoraSpec
 from export.executorch.wrappers import WRAPPED, CausalLMLoss, lora_parameter_names
@@ -70,11 +76,15 @@ def lower_training(peft_model: Any, batch_size: int, seq_len: int,
         cancel_transpose_pairs(ep)
         mm_to_linear(ep)
         preserve = [torch.ops.aten.linear.default]
-    if lowering.backend == "xnnpack":
-        tag_delegate_constants(ep, FOUNDATION_TAG, keep_inside=pinned_placeholders(ep, pinned))
     edge = to_edge(ep, compile_config=EdgeCompileConfig(_check_ir_validity=False, preserve_ops=preserve),
                    constant_methods={LORA_METHOD: spec.to_json()})
     if lowering.backend == "xnnpack":
-        edge = edge.to_backend(GemmXnnpackPartitioner(pinned))
+        joint = edge.exported_program()
+        inside = pinned_placeholders(joint, pinned)
+        unshare_constants(joint, keep_inside=inside)
+        tag_delegate_constants(joint, FOUNDATION_TAG, keep_inside=inside)
+        with sort_graph_once():
+            edge = edge.to_backend(GemmXnnpackPartitioner(pinned))
+        check_topological(edge.exported_program())
     config = ExecutorchBackendConfig(external_constants=foundation_tagger(edge, pinned))
     return serialize("training", edge.to_executorch(config), spec, (batch_size, seq_len))
