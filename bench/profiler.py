@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_client.device import emulate, matmul_gflops
-from edge_client.profiler import measure_rank, profile_device
+from edge_client.profiler import fit_linear, measure_rank, profile_device
 from edge_client.profiles import load_all
 from edge_client.rank_choice import Budgets, choose_rank
 from export.package import open_package
@@ -72,6 +72,8 @@ def _bench_backend(pkg: Any, backend: str, steps: int, host_gflops: float,
     result = profile_device(host, pkg, backend, Budgets(), steps=steps)
     profile_seconds = time.perf_counter() - t0
     predicted = {p.rank: p for p in result.predictions}
+    # the same linear model fitted on CPU seconds per step: a load-insensitive check of the model itself
+    cpu_fit = fit_linear([float(x.rank) for x in result.measurements], [x.cpu_seconds for x in result.measurements])
     rows = []
     for r in sorted(pkg.ranks):
         meas = measure_rank(pkg.path, r, backend, steps=steps)
@@ -81,7 +83,9 @@ def _bench_backend(pkg: Any, backend: str, steps: int, host_gflops: float,
             "predicted_peak_bytes": p.peak_bytes, "measured_peak_bytes": meas.peak_rss_bytes,
             "peak_error": round(p.peak_bytes / meas.peak_rss_bytes - 1, 4),
             "predicted_step_seconds": round(p.step_seconds, 5), "measured_step_seconds": round(meas.step_seconds, 5),
-            "step_error": round(p.step_seconds / meas.step_seconds - 1, 4), "load_1min": os.getloadavg()[0],
+            "step_error": round(p.step_seconds / meas.step_seconds - 1, 4),
+            "predicted_cpu_seconds": round(cpu_fit(r), 5), "measured_cpu_seconds": round(meas.cpu_seconds, 5),
+            "cpu_error": round(cpu_fit(r) / meas.cpu_seconds - 1, 4), "load_1min": os.getloadavg()[0],
         })
         print(f"{backend} r={r}: {rows[-1]}", file=sys.stderr, flush=True)
     selections = []
@@ -120,12 +124,12 @@ def _machine() -> str:
 def _print_summary(report: dict[str, Any]) -> None:
     for backend, b in report["backends"].items():
         print(f"== {backend}")
-        print("rank  peak pred/meas (MiB)   err   step pred/meas (ms)   err")
+        print("rank  peak pred/meas (MiB)   err   step pred/meas (ms)   err   cpu err")
         for row in b["ranks"]:
             print(f"{row['rank']:>4}  {row['predicted_peak_bytes'] / 2**20:8.1f} / "
                   f"{row['measured_peak_bytes'] / 2**20:8.1f}"
                   f"  {row['peak_error']:+6.1%}  {row['predicted_step_seconds'] * 1e3:8.1f} / "
-                  f"{row['measured_step_seconds'] * 1e3:8.1f}  {row['step_error']:+6.1%}"
+                  f"{row['measured_step_seconds'] * 1e3:8.1f}  {row['step_error']:+6.1%}  {row['cpu_error']:+6.1%}"
                   f"{'  (fit point)' if row['fit_point'] else ''}")
         for s in b["selections"]:
             print(f"  {s['profile']:<24} mem {s['memory_fraction']:.1f} time {s['time_budget_seconds']}: "

@@ -33,7 +33,8 @@ from export.package import Package
 class RankMeasurement:
     rank: int
     peak_rss_bytes: int  # peak RSS of a fresh process that loaded the program and trained
-    step_seconds: float  # median over the timed steps, on this host
+    step_seconds: float  # median wall seconds over the timed steps, on this host
+    cpu_seconds: float = 0.0  # median CPU seconds of the process per step (all threads; insensitive to load)
 
 
 @dataclass(frozen=True)
@@ -158,7 +159,8 @@ def measure_rank(package_path: str | Path, rank: int, backend: str, *, steps: in
         tail = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
         raise LorafleetError(f"measuring rank {rank} on {backend} failed: {tail}")
     data = json.loads(lines[-1])
-    return RankMeasurement(int(data["rank"]), int(data["peak_rss_bytes"]), float(data["step_seconds"]))
+    return RankMeasurement(int(data["rank"]), int(data["peak_rss_bytes"]), float(data["step_seconds"]),
+                           float(data["cpu_seconds"]))
 
 
 def _measure_here(package_path: str, rank: int, backend: str, steps: int, warmup: int) -> dict[str, Any]:
@@ -178,14 +180,16 @@ def _measure_here(package_path: str, rank: int, backend: str, steps: int, warmup
     batch = Batch(ids, ids.copy())
     for _ in range(warmup):
         be.step(batch)
-    seconds = []
+    seconds, cpu = [], []
     for _ in range(steps):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         loss = be.step(batch)
         seconds.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
     if not math.isfinite(loss):
         raise LorafleetError(f"rank {rank} on {backend}: non-finite loss {loss}")
-    return {"rank": rank, "peak_rss_bytes": peak_rss_bytes(), "step_seconds": statistics.median(seconds)}
+    return {"rank": rank, "peak_rss_bytes": peak_rss_bytes(), "step_seconds": statistics.median(seconds),
+            "cpu_seconds": statistics.median(cpu)}
 
 
 if __name__ == "__main__":
