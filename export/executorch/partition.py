@@ -9,7 +9,9 @@ the given placeholders ("pinned": the LoRA parameters or state buffers) and keep
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import torch
 from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
@@ -48,3 +50,65 @@ class FrozenWeightsXnnpackPartitioner(XnnpackPartitioner):
             return keep(node) if keep is not None else True
 
         return ops, keep_unless_pinned
+
+
+class GemmXnnpackPartitioner(FrozenWeightsXnnpackPartitioner):
+    """Delegate only matrix products (``linear``, ``mm``, ``addmm``) to XNNPACK, each as its own partition.
+
+    For the joint forward+backward graph of a training program: the frozen weights' products of the forward
+    (``linear(x, W)``) and of the backward (``mm(dy, W)``, XNNPACK's fully-connected with transposed weights)
+    carry nearly all of the FLOPs. Partitions hold one product each, so XNNPACK's preprocessing only needs
+    its linear conversion; the other XNNPACK graph passes (SDPA and upsampling pattern matching...) cost about
+    a second *per partition* on this graph and have nothing to find, so they are skipped through the
+    ``dqlinear_partitioner`` compile spec that selects exactly that pass list in ``XnnpackBackend.preprocess``.
+    """
+
+    def __init__(self, pinned_fqns: Iterable[str]) -> None:
+        from executorch.backends.xnnpack.partition.config.gemm_configs import (
+            AddmmConfig,
+            LinearConfig,
+            MMConfig,
+        )
+        from executorch.backends.xnnpack.xnnpack_preprocess import XnnpackBackend
+        from executorch.exir.backend.compile_spec_schema import CompileSpec
+        from executorch.exir.backend.partitioner import DelegationSpec
+
+        super().__init__(pinned_fqns, configs=[LinearConfig, MMConfig, AddmmConfig], per_op_mode=True)
+        only_linear_pass = CompileSpec("dqlinear_partitioner", b"")
+        self.delegation_spec = DelegationSpec(XnnpackBackend.__name__, [only_linear_pass])
+
+
+@contextmanager
+def sort_graph_once() -> Iterator[None]:
+    """Within the block, ExecuTorch's ``to_backend`` does not re-sort the whole graph after fusing each partition.
+
+    ``create_submodule_from_nodes`` calls ``legalize_graph`` (a topological sort and rebuild of the entire graph)
+    once per partition: quadratic in a training graph with hundreds of one-op partitions (half of a 2.4-minute
+    lowering of an 8-layer model, most of a 30-minute one at 30 layers). A one-op partition is fused in place —
+    its call takes the op's position, after its inputs and before its users — so the order stays topological;
+    ExecuTorch itself skips the sort on another path (``backend/utils.py``; its TODO T153794167). The caller
+    checks the final graph with :func:`check_topological`.
+    """
+    import executorch.exir.backend.backend_api as backend_api
+
+    fuse = backend_api.create_submodule_from_nodes
+
+    def fuse_without_sort(gm: Any, node_list: Any, tag: str, skip_legalize_graph: bool = False) -> Any:
+        return fuse(gm, node_list, tag, skip_legalize_graph=True)
+
+    backend_api.create_submodule_from_nodes = fuse_without_sort
+    try:
+        yield
+    finally:
+        backend_api.create_submodule_from_nodes = fuse
+
+
+def check_topological(ep: ExportedProgram) -> None:
+    """``graph.lint()`` (every value defined before use); sort the graph if that fails."""
+    from torch.fx.passes.tools_common import legalize_graph
+
+    try:
+        ep.graph_module.graph.lint()
+    except RuntimeError:
+        legalize_graph(ep.graph_module)
+        ep.graph_module.graph.lint()
