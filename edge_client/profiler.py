@@ -81,6 +81,9 @@ def profile_device(device: DeviceReport, package: Package | None, backend: str, 
     mem_fit, time_fit = fit_growth(package, measured)
     predictions = predict(package, mem_fit, time_fit)
     decision = choose_rank(device, predictions, budgets)
+    if device.runtimes is not None and backend not in device.runtimes:
+        notes.append(f"{device.name} does not list {backend} among its runtimes ({', '.join(device.runtimes)}): "
+                     f"these figures are {backend}'s, measured here")
     decision.reasons[:0] = fixed_term_reasons(package, backend, measured, mem_fit, time_fit) + notes
     return ProfileResult(device, decision, measured, predictions)
 
