@@ -41,6 +41,7 @@ class DeviceReport:
     network_up_mbps: float | None = None  # None: not known (a measured host); transfers are not timed
     network_down_mbps: float | None = None
     host_gflops: float | None = None
+    runtimes: tuple[str, ...] | None = None  # training runtimes the device runs; None: not known (measured)
 
     def __post_init__(self) -> None:
         for name in ("memory_total_bytes", "memory_available_bytes", "cpu_count"):
@@ -79,7 +80,7 @@ def emulate(profile: DeviceProfile, host_gflops: float) -> DeviceReport:
                         memory_available_bytes=profile.app_memory_bytes, cpu_count=profile.cpu_cores,
                         gflops=profile.sustained_gflops, memory_bandwidth_gbs=profile.memory_bandwidth_gbs,
                         network_up_mbps=profile.network_up_mbps, network_down_mbps=profile.network_down_mbps,
-                        host_gflops=host_gflops)
+                        host_gflops=host_gflops, runtimes=profile.runtimes)
 
 
 # --- memory ---------------------------------------------------------------------------------------------

@@ -33,7 +33,8 @@ from export.package import Package
 class RankMeasurement:
     rank: int
     peak_rss_bytes: int  # peak RSS of a fresh process that loaded the program and trained
-    step_seconds: float  # median over the timed steps, on this host
+    step_seconds: float  # median wall seconds over the timed steps, on this host
+    cpu_seconds: float = 0.0  # median CPU seconds of the process per step (all threads; insensitive to load)
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,9 @@ def profile_device(device: DeviceReport, package: Package | None, backend: str, 
     mem_fit, time_fit = fit_growth(package, measured)
     predictions = predict(package, mem_fit, time_fit)
     decision = choose_rank(device, predictions, budgets)
+    if device.runtimes is not None and backend not in device.runtimes:
+        notes.append(f"{device.name} does not list {backend} among its runtimes ({', '.join(device.runtimes)}): "
+                     f"these figures are {backend}'s, measured here")
     decision.reasons[:0] = fixed_term_reasons(package, backend, measured, mem_fit, time_fit) + notes
     return ProfileResult(device, decision, measured, predictions)
 
@@ -158,7 +162,8 @@ def measure_rank(package_path: str | Path, rank: int, backend: str, *, steps: in
         tail = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
         raise LorafleetError(f"measuring rank {rank} on {backend} failed: {tail}")
     data = json.loads(lines[-1])
-    return RankMeasurement(int(data["rank"]), int(data["peak_rss_bytes"]), float(data["step_seconds"]))
+    return RankMeasurement(int(data["rank"]), int(data["peak_rss_bytes"]), float(data["step_seconds"]),
+                           float(data["cpu_seconds"]))
 
 
 def _measure_here(package_path: str, rank: int, backend: str, steps: int, warmup: int) -> dict[str, Any]:
@@ -178,14 +183,16 @@ def _measure_here(package_path: str, rank: int, backend: str, steps: int, warmup
     batch = Batch(ids, ids.copy())
     for _ in range(warmup):
         be.step(batch)
-    seconds = []
+    seconds, cpu = [], []
     for _ in range(steps):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         loss = be.step(batch)
         seconds.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
     if not math.isfinite(loss):
         raise LorafleetError(f"rank {rank} on {backend}: non-finite loss {loss}")
-    return {"rank": rank, "peak_rss_bytes": peak_rss_bytes(), "step_seconds": statistics.median(seconds)}
+    return {"rank": rank, "peak_rss_bytes": peak_rss_bytes(), "step_seconds": statistics.median(seconds),
+            "cpu_seconds": statistics.median(cpu)}
 
 
 if __name__ == "__main__":

@@ -115,7 +115,7 @@ def test_emulation_takes_memory_and_speed_from_the_profile():
     assert r.source == "profile" and r.name == prof.name
     assert r.memory_total_bytes == 8 * GIB and r.memory_available_bytes == int(5.2 * GIB)
     assert r.cpu_count == 6 and r.gflops == 66 and r.memory_bandwidth_gbs == 68
-    assert r.network_up_mbps == 100
+    assert r.network_up_mbps == 100 and r.runtimes == prof.runtimes
     assert r.time_scale == pytest.approx(0.5)  # the device is twice as fast as the host
 
 

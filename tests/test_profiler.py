@@ -68,6 +68,7 @@ def test_profile_measures_two_ranks_and_predicts_every_rank(profiled, pkg):
     assert profiled.selected_rank == 8  # 3.6 GiB of app memory is plenty for random:tiny
     assert profiled.decision.reasons[0].startswith("fixed terms: batch 1 × seq_len 16 tokens")
     assert "measured ranks 2 and 8 on onnxruntime" in profiled.decision.reasons[1]
+    assert not any("among its runtimes" in r for r in profiled.decision.reasons)  # pixel-8 runs ORT
     out = profiled.to_json()
     assert list(out) == ["device", "candidates", "selected_rank", "reasons"]
     assert list(out["device"]) == DEVICE_KEYS and list(out["candidates"][0]) == CANDIDATE_KEYS
@@ -91,17 +92,22 @@ def test_linear_fit_is_callable():
     assert LinearFit(1.0, 2.0)(3) == 7.0
 
 
-def test_cli_profile_json_with_a_package_and_a_profile(tiny_package, capsys):
-    args = ["profile", "--package", str(tiny_package), "--profile", "android-low-4gb", "--backend", "onnxruntime",
-            "--memory-fraction", "0.5", "--time-budget", "600", "--json"]
+def test_cli_profile_json_for_a_device_that_fits_no_rank(tiny_package, capsys):
+    args = ["profile", "--package", str(tiny_package), "--profile", "android-low-4gb", "--backend", "torch",
+            "--memory-fraction", "0.01", "--time-budget", "600", "--json"]
     assert main(args) == 0
-    out = json.loads(capsys.readouterr().out)
+    raw = capsys.readouterr().out
+    assert '"selected_rank": null' in raw
+    out = json.loads(raw)
     assert list(out) == ["device", "candidates", "selected_rank", "reasons"]
+    assert list(out["device"]) == DEVICE_KEYS and list(out["candidates"][0]) == CANDIDATE_KEYS
     assert out["device"]["source"] == "profile" and out["device"]["cpu_count"] == 8
     assert out["device"]["memory_available_bytes"] == int(1.25 * GIB)
-    assert [c["rank"] for c in out["candidates"]] == [2, 4, 8]
-    assert out["selected_rank"] in (2, 4, 8, None)
-    assert any("memory budget: 0.5 × 1.25 GiB" in r for r in out["reasons"])
+    assert [c["rank"] for c in out["candidates"]] == [2, 4, 8] and not any(c["fits"] for c in out["candidates"])
+    assert all(c["why"].startswith("too big: peak") for c in out["candidates"])
+    assert any("memory budget: 0.01 × 1.25 GiB" in r for r in out["reasons"])
+    assert any("does not list torch among its runtimes (executorch, onnxruntime)" in r for r in out["reasons"])
+    assert out["reasons"][-1].startswith("no packaged rank fits: the smallest, rank 2, is too big")
 
 
 def test_cli_profile_measured_without_a_package(capsys):

@@ -61,6 +61,7 @@ def _mutate(**changes):
     ({"name": ""}, r"field 'name': must be a non-empty string"),
     ({"notes": 3}, r"field 'notes': must be a non-empty string"),
     ({"kind": "toaster"}, r"field 'kind': must be one of .*'toaster'"),
+    ({"kind": 3}, r"field 'kind': must be a non-empty string, got 3"),
     ({"cpu_cores": 2.5}, r"field 'cpu_cores': must be an integer, got 2.5"),
     ({"sustained_gflops": "fast"}, r"field 'sustained_gflops': must be a number, got 'fast'"),
     ({"availability": True}, r"field 'availability': must be a number, got True"),
@@ -101,6 +102,10 @@ def test_file_errors_are_one_line(tmp_path):
     assert "\n" not in str(info.value)
     with pytest.raises(ConfigError, match=r"device profile not found: nowhere.toml \(bundled profiles: .*pixel-8"):
         load_profile("nowhere.toml")
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes('name = "Café"\n'.encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1.toml: not valid TOML"):
+        load_profile(latin1)
     missing = tmp_path / "m.toml"
     missing.write_text("name = 'x'\n")
     with pytest.raises(ConfigError, match=r"m.toml: field 'kind': missing"):
