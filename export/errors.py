@@ -36,3 +36,7 @@ class NotAvailableError(LorafleetError):
     """A command that this version of lorafleet does not provide yet."""
 
     exit_code = 2
+
+
+class DataError(LorafleetError):
+    """A training-data file that is missing or malformed (names the file and the line)."""

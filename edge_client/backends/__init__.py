@@ -1,0 +1,35 @@
+"""On-device training backends behind one protocol (:mod:`edge_client.backends.base`).
+
+Heavy runtimes are imported only when a backend is built: torch eager + PEFT (the reference), ONNX Runtime
+training, ExecuTorch training programs.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from edge_client.backends.base import BACKENDS, AdamW, OptimizerConfig, TrainingBackend
+from export.errors import ConfigError
+
+if TYPE_CHECKING:
+    from export.package import Package
+
+__all__ = ["BACKENDS", "AdamW", "OptimizerConfig", "TrainingBackend", "make_backend"]
+
+
+def make_backend(name: str, package: Package, rank: int, optimizer: OptimizerConfig) -> TrainingBackend:
+    """Build backend ``name`` for ``rank`` of ``package``, starting from the package's initial adapter."""
+    if name not in BACKENDS:
+        raise ConfigError(f"unknown backend {name!r} (known: {', '.join(BACKENDS)})")
+    package.manifest.rank(rank)  # PackageError naming the ranks it has
+    if name == "torch":
+        from edge_client.backends.torch_backend import TorchBackend
+
+        return TorchBackend.from_package(package, rank, optimizer)
+    if name == "onnxruntime":
+        from edge_client.backends.onnx_backend import OnnxBackend
+
+        return OnnxBackend.from_package(package, rank, optimizer)
+    from edge_client.backends.executorch_backend import ExecutorchBackend
+
+    return ExecutorchBackend.from_package(package, rank, optimizer)
