@@ -18,9 +18,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from edge_client.data import IGNORE_INDEX, Example, encode_example, pad_id, prompt_text
 from export.adapter import Adapter
 from export.errors import AdapterError, ConfigError
-from lorafleet._client_data import IGNORE_INDEX, Example, chat_messages, encode_example
 
 if TYPE_CHECKING:
     import torch
@@ -145,10 +145,11 @@ def generate_ids(model: Any, tokenizer: Any, examples: Sequence[Example], *, max
     import torch
 
     rows: list[list[int]] = []
-    pad, eos = _pad_id(tokenizer), tokenizer.eos_token_id
+    pad, eos = pad_id(tokenizer), tokenizer.eos_token_id
     for batch in _batches(examples, batch_size):
-        prompts = [_ids(tokenizer.apply_chat_template(chat_messages(ex)[:-1], add_generation_prompt=True,
-                                                      tokenize=True)) for ex in batch]
+        # the prompt tokenized exactly as encode_example tokenizes it for training
+        prompts = [list(tokenizer(prompt_text(tokenizer, ex), add_special_tokens=False)["input_ids"])
+                   for ex in batch]
         width = max(map(len, prompts))
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])  # (B, T), left-padded
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
@@ -168,15 +169,18 @@ def response_nll(model: Any, tokenizer: Any, examples: Sequence[Example], *, seq
 
     sums: list[float] = []
     counts: list[int] = []
-    pad = _pad_id(tokenizer)
     for batch in _batches(examples, batch_size):
+        # right-padded to seq_len, labels -100 on prompt and padding: a causal model's logits at a position
+        # never see the padding after it, so no attention mask is needed; columns after the last response
+        # token of the batch are dropped (exact, and cheaper)
         encoded = [encode_example(tokenizer, ex, seq_len) for ex in batch]
-        width = max(len(e["input_ids"]) for e in encoded)
-        ids = torch.tensor([list(e["input_ids"]) + [pad] * (width - len(e["input_ids"])) for e in encoded])
-        labels = torch.tensor([list(e["labels"]) + [IGNORE_INDEX] * (width - len(e["labels"])) for e in encoded])
-        mask = torch.tensor([[1] * len(e["input_ids"]) + [0] * (width - len(e["input_ids"])) for e in encoded])
+        ids = torch.tensor([e[0] for e in encoded])  # (B, seq_len)
+        labels = torch.tensor([e[1] for e in encoded])  # (B, seq_len)
+        scored = (labels != IGNORE_INDEX).any(dim=0).nonzero()
+        width = int(scored.max()) + 1 if len(scored) else 1
+        ids, labels = ids[:, :width], labels[:, :width]
         with torch.inference_mode():
-            logits = model(input_ids=ids, attention_mask=mask).logits.float()  # (B, T, V)
+            logits = model(input_ids=ids).logits.float()  # (B, T, V)
         target = labels[:, 1:]  # token t is predicted from position t - 1
         nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), target, ignore_index=IGNORE_INDEX, reduction="none")
         sums += nll.sum(dim=1).tolist()
@@ -222,19 +226,6 @@ def _target_weight(model: Any, name: str, shape: tuple[int, int]) -> torch.Tenso
     if tuple(weight.shape) != shape:
         raise AdapterError(f"adapter module {name} has shape {shape}, the model's weight {tuple(weight.shape)}")
     return weight
-
-
-def _pad_id(tokenizer: Any) -> int:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad is None:
-        raise ConfigError("the tokenizer has neither a pad nor an eos token")
-    return int(pad)
-
-
-def _ids(encoded: Any) -> list[int]:
-    if hasattr(encoded, "keys"):
-        encoded = encoded["input_ids"]
-    return [int(i) for i in encoded]
 
 
 def _batches(items: Sequence[Example], size: int) -> Iterator[Sequence[Example]]:

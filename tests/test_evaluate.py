@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
+from edge_client.data import IGNORE_INDEX, encode_example
 from export.adapter import write_adapter
 from export.errors import AdapterError, ConfigError
 from lorafleet import tasks
-from lorafleet._client_data import encode_example
 from lorafleet.evaluate import (
     EvalConfig,
     applied,
@@ -57,11 +57,11 @@ def test_response_nll_matches_transformers_loss_per_example(tiny):  # noqa: F811
     model, tok = tiny.model, tiny.tokenizer
     sums, counts = response_nll(model, tok, EXAMPLES, seq_len=256, batch_size=4)
     for ex, total, n in zip(EXAMPLES, sums, counts, strict=True):
-        enc = encode_example(tok, ex, 256)
-        ids, labels = torch.tensor([enc["input_ids"]]), torch.tensor([enc["labels"]])
+        ids, labels = encode_example(tok, ex, 256)
+        end = max(i for i, x in enumerate(labels) if x != IGNORE_INDEX) + 1  # no padding at all
         with torch.no_grad():
-            ref = model(input_ids=ids, labels=labels).loss  # mean over response tokens, unpadded
-        assert n == sum(1 for x in enc["labels"][1:] if x != -100) > 0
+            ref = model(input_ids=torch.tensor([ids[:end]]), labels=torch.tensor([labels[:end]])).loss
+        assert n == sum(1 for x in labels[1:] if x != IGNORE_INDEX) > 0
         assert total / n == pytest.approx(float(ref), rel=1e-5)
 
 
@@ -116,12 +116,12 @@ def test_training_the_adapter_lowers_the_evaluated_loss(tiny):  # noqa: F811
     cfg = EvalConfig(per_family=8, max_new_tokens=2)
     before = evaluate(model, tok, {"r": data}, adapter=adapter, config=cfg).overall.loss
     params = [t.requires_grad_() for p in adapter.modules.values() for t in (p.lora_A, p.lora_B)]
-    opt = torch.optim.Adam(params, lr=1e-2)
-    batch = [encode_example(tok, ex, 256) for ex in data]
-    for _ in range(30):
+    opt = torch.optim.Adam(params, lr=2e-2)
+    ids, labels = (torch.tensor(x) for x in zip(*(encode_example(tok, ex, 256) for ex in data), strict=True))
+    end = int((labels != IGNORE_INDEX).any(dim=0).nonzero().max()) + 1  # drop all-padding columns
+    for _ in range(25):
         opt.zero_grad()
-        loss = sum(_lora_loss(model, adapter, e) for e in batch) / len(batch)
-        loss.backward()
+        _lora_loss(model, adapter, ids[:, :end], labels[:, :end]).backward()
         opt.step()
     for t in params:
         t.requires_grad_(False)
@@ -129,14 +129,12 @@ def test_training_the_adapter_lowers_the_evaluated_loss(tiny):  # noqa: F811
     assert after < before - 0.3
 
 
-def _lora_loss(model, adapter, enc):
+def _lora_loss(model, adapter, ids, labels):
     from torch.func import functional_call
 
     weights = {f"{n}.weight": model.get_submodule(n).weight + p.scaling * p.lora_B @ p.lora_A
                for n, p in adapter.modules.items()}
-    out = functional_call(model, weights, kwargs={"input_ids": torch.tensor([enc["input_ids"]]),
-                                                  "labels": torch.tensor([enc["labels"]])})
-    return out.loss
+    return functional_call(model, weights, kwargs={"input_ids": ids, "labels": labels}).loss
 
 
 def test_config_and_adapter_errors(tiny, tmp_path):  # noqa: F811
