@@ -64,6 +64,21 @@ def dirichlet_partition(labels: Sequence[int] | np.ndarray, num_devices: int, al
     return _deal(labels, counts, rng)
 
 
+def family_counts(num_devices: int, num_families: int, per_device: int, alpha: float, *,
+                  seed: int) -> np.ndarray:
+    """How many examples of each family each device holds when examples can be generated on demand:
+    ``(num_devices, num_families)``, rows summing to ``per_device``, each row ``per_device · q_d`` rounded.
+
+    No pool to respect, so small α concentrates every device on its own few families whatever the sizes.
+    """
+    if num_devices <= 0 or num_families <= 0 or per_device <= 0:
+        raise ConfigError(f"num_devices, num_families and per_device must be positive, got {num_devices}, "
+                          f"{num_families}, {per_device}")
+    rng = np.random.default_rng(seed)
+    mixtures = family_mixtures(num_devices, num_families, alpha, rng)
+    return np.stack([_round_counts(per_device, q, rng) for q in mixtures])
+
+
 def family_shares(parts: Sequence[np.ndarray], labels: Sequence[int] | np.ndarray) -> np.ndarray:
     """Each device's fraction of examples per family, ``(num_devices, num_families)``."""
     labels = np.asarray(labels, dtype=np.int64)
