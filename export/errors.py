@@ -24,6 +24,11 @@ class AdapterError(LorafleetError):
     """A PEFT adapter directory that is missing, malformed, unsafe (pickle) or inconsistent."""
 
 
+class AggregationError(LorafleetError, ValueError):
+    """Client adapters that cannot be aggregated together (mismatched modules or shapes, unequal ranks for
+    FedAvg, bad weights, an unknown method or option)."""
+
+
 class PackageError(LorafleetError):
     """An edge package that is missing, corrupt (checksum mismatch) or lacks what was asked of it."""
 

@@ -1,0 +1,78 @@
+"""Heterogeneous-rank LoRA aggregation: pure functions over :class:`export.adapter.Adapter`.
+
+* :func:`aggregate` — in memory (what the Flower server calls): ``aggregate("flexlora", adapters, n_k)``.
+* :func:`aggregate_dirs` — streamed from PEFT adapter directories, one module at a time (what
+  ``lorafleet aggregate`` uses; memory bounded by one module's factors for all clients).
+* :func:`distribute` — the rank-r adapter a client of rank r receives (truncation).
+* :func:`validate_clients` — the compatibility checks, to drop a bad client update before aggregating.
+* :data:`METHODS` — the registry. A new method is one module defining ``METHOD`` (an
+  :class:`AggregationMethod`: a per-module function returning ``(B, A)`` at scaling 1, a global-rank rule and
+  its option names) plus its entry in :data:`_MODULES` below.
+
+Methods: ``fedavg`` (FedIT), ``hetlora`` (Cho et al., 2024), ``flexlora`` (Bai et al., 2024); their modules'
+docstrings say exactly how PEFT scalings are treated. Errors: :class:`export.errors.AdapterError` for a bad
+client adapter, :class:`export.errors.AggregationError` for clients that do not fit together, bad weights,
+ranks or options.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from export.adapter import Adapter, truncate
+from export.errors import AggregationError
+from server.aggregation import engine, fedavg, flexlora, hetlora
+from server.aggregation.common import AggregationMethod, check_finite, specs_of, validate_clients
+from server.aggregation.streaming import LazyAdapter, open_clients
+
+_MODULES = (fedavg, hetlora, flexlora)
+METHODS: dict[str, AggregationMethod] = {m.METHOD.name: m.METHOD for m in _MODULES}
+
+__all__ = ["METHODS", "AggregationMethod", "LazyAdapter", "aggregate", "aggregate_dirs", "distribute",
+           "get_method", "validate_clients"]
+
+
+def get_method(name: str) -> AggregationMethod:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise AggregationError(f"unknown aggregation method {name!r} (known: {', '.join(METHODS)})") from None
+
+
+def aggregate(method: str, adapters: Sequence[Adapter], weights: Sequence[float] | None = None, *,
+              rank: int | None = None, **options: Any) -> Adapter:
+    """Aggregate client adapters (ranks and ``lora_alpha`` may differ) into the global adapter.
+
+    ``weights`` are the clients' n_k (e.g. example counts; normalized here; ``None`` = equal). ``rank`` is the
+    global rank (default: the method's, max r_k for hetlora/flexlora). ``options`` are the method's keyword
+    options: hetlora ``use_weights`` (multiply sparsity weights by n_k), flexlora ``solver``.
+    """
+    m = get_method(method)
+    origins = [f"client {i + 1}" for i in range(len(adapters))]
+    for adapter, origin in zip(adapters, origins, strict=True):
+        check_finite(adapter, origin)
+    return engine.run(m, [specs_of(a) for a in adapters], origins, [a.config for a in adapters],
+                      lambda name: [a.modules[name] for a in adapters], weights, rank, options)
+
+
+def aggregate_dirs(method: str, paths: Sequence[str | Path], weights: Sequence[float] | None = None, *,
+                   rank: int | None = None, **options: Any) -> Adapter:
+    """:func:`aggregate` over PEFT adapter directories, streamed module by module (see
+    :mod:`server.aggregation.streaming`). Every client is validated from its header before any value is read."""
+    m = get_method(method)
+    if not paths:
+        raise AggregationError("no client adapters to aggregate")
+    clients = open_clients(paths)
+    return engine.run(m, [c.specs for c in clients], [str(c.path) for c in clients], [c.config for c in clients],
+                      lambda name: [c.pair(name) for c in clients], weights, rank, options)
+
+
+def distribute(global_adapter: Adapter, r: int) -> Adapter:
+    """The rank-``r`` adapter a client of rank r receives: the first r components of every module (HetLoRA's
+    and FlexLoRA's distribution; for FlexLoRA it is the rank-r truncated SVD of the aggregate), same ΔW
+    scaling per component. Modules below rank r (``rank_pattern``) are kept whole."""
+    if isinstance(r, bool) or not isinstance(r, int):
+        raise AggregationError(f"rank must be an integer, got {r!r}")
+    return truncate(global_adapter, r)
