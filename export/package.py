@@ -230,6 +230,7 @@ class PackageWriter:
         text = manifest.to_json()
         manifest_from_json(text, "the manifest being written")  # never write one we could not read back
         (self.root / MANIFEST_FILE).write_text(text)
+        _chmod_like_mkdir(self.root)
         self.manifest = manifest
         return manifest
 
@@ -279,6 +280,17 @@ def _remove_empty_dirs(top: Path | None, stop: Path) -> None:
             return
         if p == top:
             return
+
+
+def _chmod_like_mkdir(path: Path) -> None:
+    """Staged files may be private (``mkdtemp``, ``mkstemp``); give them a plain ``mkdir`` / ``open`` mode."""
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o777 & ~umask)
+    for p in path.rglob("*"):
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
 
 
 def _created_by() -> str:

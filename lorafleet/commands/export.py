@@ -1,9 +1,88 @@
-"""`lorafleet export`: Compile a model and LoRA heads into an edge package."""
+"""`lorafleet export`: compile a model and LoRA heads at several ranks into a verified edge package.
+
+    lorafleet export MODEL --ranks 4,8,16,32 --target-modules q_proj,v_proj [--lora-alpha A] [--seq-len T]
+        [--batch-size B] [--adapter DIR] [--runtimes executorch,onnx] [--quantize none|...] [--force] --out PKG
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
 
 import typer
 
-from lorafleet.commands._unavailable import register_unavailable
+from export.errors import ConfigError
+
+
+def _ints(option: str, text: str) -> tuple[int, ...]:
+    items = _names(option, text)
+    try:
+        return tuple(int(x) for x in items)
+    except ValueError:
+        bad = next(x for x in items if not x.lstrip("-").isdigit())
+        raise ConfigError(f"{option}: {bad!r} is not an integer (expected e.g. 4,8,16)") from None
+
+
+def _names(option: str, text: str) -> tuple[str, ...]:
+    items = tuple(x.strip() for x in text.split(","))
+    if not text.strip() or any(not x for x in items):
+        raise ConfigError(f"{option}: expected a comma-separated list, got {text!r}")
+    return items
 
 
 def register(app: typer.Typer) -> None:
-    register_unavailable(app, "export", "Compile a model and LoRA heads into an edge package")
+    @app.command("export")
+    def export(
+        model: Annotated[str, typer.Argument(help="Model spec: smollm2-135m, random:<arch>, an HF dir or a .gguf.")],
+        ranks: Annotated[str, typer.Option("--ranks", help="LoRA ranks, comma-separated (e.g. 4,8,16,32).")],
+        target_modules: Annotated[str, typer.Option("--target-modules", help="Layers to adapt (q_proj,v_proj).")],
+        out: Annotated[Path, typer.Option("--out", help="Package directory to create.")],
+        lora_alpha: Annotated[float, typer.Option("--lora-alpha", help="PEFT lora_alpha (alpha / r).")] = 16.0,
+        seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per training sequence (fixed).")] = 64,
+        batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per training step.")] = 1,
+        adapter: Annotated[Path | None, typer.Option("--adapter", help="PEFT adapter every rank starts from.")] = None,
+        runtimes: Annotated[str, typer.Option("--runtimes", help="executorch, onnx or both.")] = "executorch,onnx",
+        quantize: Annotated[str, typer.Option("--quantize", help="Base-weight quantization (inference).")] = "none",
+        force: Annotated[bool, typer.Option("--force", help="Replace an existing package at --out.")] = False,
+    ) -> None:
+        """Compile a model and LoRA heads into an edge package for ExecuTorch and ONNX Runtime."""
+        import sys
+
+        from export.pipeline import ExportConfig, run_export
+
+        cfg = ExportConfig(model=model, ranks=_ints("--ranks", ranks),
+                           target_modules=_names("--target-modules", target_modules), out=out,
+                           lora_alpha=lora_alpha, seq_len=seq_len, batch_size=batch_size, adapter=adapter,
+                           runtimes=_names("--runtimes", runtimes), quantize=quantize, force=force)
+        result = run_export(cfg, log=lambda msg: print(f"[export] {msg}", file=sys.stderr, flush=True))
+        _summary(result)
+
+
+def _summary(result: object) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from export.pipeline import ExportResult
+
+    assert isinstance(result, ExportResult)
+    m = result.manifest
+    table = Table(title=f"edge package {result.path}")
+    for col in ("rank", "trainable", "own files", "est. train peak", "est. GFLOP/step"):
+        table.add_column(col, justify="right")
+    for r in m.ranks:
+        art = m.rank(r)
+        table.add_row(str(r), f"{art.trainable_parameters:,}", _mb(art.size_bytes),
+                      _mb(art.estimates.training_peak_memory_bytes), f"{art.estimates.flops_per_step / 1e9:.1f}")
+    console = Console()
+    console.print(table)
+    for rel, entry in m.shared_files.items():
+        console.print(f"shared: {rel} {_mb(entry.size)}")
+    worst: dict[str, float] = {}
+    for c in m.verification["checks"]:
+        worst[c["metric"]] = max(worst.get(c["metric"], 0.0), c["value"])
+    console.print("verified against eager PEFT: " + ", ".join(f"{k} ≤ {v:.2g}" for k, v in worst.items()))
+    console.print("stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in result.seconds.items()))
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"

@@ -1,0 +1,189 @@
+"""ONNX graph passes of the ONNX Runtime export, on the exporter's ``onnx_ir.Model`` (before protobuf).
+
+Working on the IR keeps the frozen weights as the exporter's zero-copy views of the torch parameters until
+each is written, once, to the shared data file: memory stays near one model copy, and the protobuf handed to
+ORT's artifact builder holds only references (it would otherwise be a full copy, over protobuf's 2 GB
+limit for 1B-class models).
+
+* :func:`strip_metadata` — drop the exporter's per-node debugging metadata (stack traces, FX names).
+* :func:`fold_weight_transposes` — store frozen linear weights pre-transposed, as ORT would fold them.
+* :class:`SharedExternalData` — move large initializers of many models into one external-data file,
+  each distinct tensor stored once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+ALIGNMENT = 64  # byte alignment of each tensor in the shared data file (lets a runtime map it directly)
+MIN_EXTERNAL_BYTES = 1024  # smaller initializers (shapes, scalars, tiny norms) stay inline
+
+
+def strip_metadata(model: Any) -> int:
+    """Remove ``metadata_props`` and ``doc_string`` from every node; returns how many nodes changed.
+
+    The dynamo exporter records a stack trace and FX node names per node: more bytes than the graph itself
+    for a small model, and of no use on a device.
+    """
+    changed = 0
+    for node in model.graph.all_nodes():
+        if node.metadata_props or node.doc_string:
+            node.metadata_props.clear()
+            node.doc_string = None
+            changed += 1
+    return changed
+
+
+def fold_weight_transposes(model: Any, weights: set[str]) -> int:
+    """Replace ``Transpose(W)`` of a 2-D initializer ``W`` in ``weights`` by a stored ``W.T``.
+
+    Before::   W (out, in) ──Transpose(perm=[1, 0])──> t ──MatMul(x, t)
+    After::    W.T (in, out) ─────────────────────────────MatMul(x, W.T)
+
+    ``W`` is dropped when nothing else reads it (a tied embedding keeps both: Gather reads ``W``).
+    ``W.T`` is computed lazily, when its bytes are written. ONNX Runtime's training graph builder makes the
+    same fold on its own, but under anonymous names and only in the training graph; folding first gives the
+    training and eval graphs identical tensors, so the shared data file holds them once, and no step pays
+    for a transpose. Returns the number of Transpose nodes removed.
+    """
+    import onnx_ir as ir
+
+    graph = model.graph
+    removed = 0
+    for node in list(graph):
+        if node.op_type != "Transpose" or node.domain not in ("", "ai.onnx") or not node.inputs:
+            continue
+        src, out = node.inputs[0], node.outputs[0]
+        perm = node.attributes.get("perm")
+        if (src is None or src.name not in weights or not src.is_initializer() or src.const_value is None
+                or len(src.const_value.shape) != 2 or out.is_graph_output()
+                or (perm is not None and list(perm.as_ints()) != [1, 0])):
+            continue
+        name = f"{src.name}.T"
+        if name not in graph.initializers:
+            t = src.const_value
+            lazy = ir.LazyTensor(_transposer(t), dtype=t.dtype, shape=ir.Shape([t.shape[1], t.shape[0]]), name=name)
+            graph.register_initializer(ir.Value(name=name, shape=lazy.shape, type=ir.TensorType(t.dtype),
+                                                const_value=lazy))
+        ir.convenience.replace_all_uses_with(out, graph.initializers[name])
+        graph.remove(node, safe=True)
+        removed += 1
+        if not src.uses():
+            graph.initializers.pop(src.name)
+    return removed
+
+
+def _transposer(t: Any) -> Any:
+    import numpy as np
+    import onnx_ir as ir
+
+    return lambda: ir.tensor(np.ascontiguousarray(t.numpy().T))
+
+
+class SharedExternalData:
+    """One external-data file that many ONNX models point into; identical tensors are stored once.
+
+    :meth:`externalize` moves each initializer of at least :data:`MIN_EXTERNAL_BYTES` of an IR model into
+    the file (deduplicated by sha256 of its bytes) and replaces it by an external reference whose
+    ``location`` is the file's path relative to ``model_dir``, where the model will be saved.
+    :meth:`externalize_proto` does the same for an ``onnx.ModelProto`` (what ORT's artifact builder wrote).
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path).resolve()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            raise ValueError(f"{self.path} already exists; a shared data file is written in one go")
+        self.path.touch()
+        self._index: dict[str, tuple[int, int]] = {}
+        self._size = 0
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def location(self, model_dir: Path) -> str:
+        """The file's path relative to ``model_dir``, as an ONNX external-data ``location``."""
+        return os.path.relpath(self.path, Path(model_dir)).replace(os.sep, "/")
+
+    @contextlib.contextmanager
+    def linked_into(self, model_dir: Path) -> Iterator[str]:
+        """A hard link to the file inside ``model_dir`` while the block runs; yields its local ``location``.
+
+        ``onnx.checker`` (run by ORT's artifact builder) refuses a location that leaves the model's
+        directory (``../``); the builder sees the link, the saved models get the real location afterwards
+        (:meth:`relocate`).
+        """
+        link = Path(model_dir) / self.path.name
+        os.link(self.path, link)
+        try:
+            yield link.name
+        finally:
+            link.unlink()
+
+    def relocate(self, model: Any, old: str, model_dir: Path) -> int:
+        """Point a ModelProto's external references at ``old`` to this file (relative to ``model_dir``)."""
+        new, changed = self.location(model_dir), 0
+        for t in model.graph.initializer:
+            for entry in t.external_data:
+                if entry.key == "location" and entry.value == old:
+                    entry.value = new
+                    changed += 1
+        return changed
+
+    def _store(self, data: bytes) -> tuple[int, int]:
+        """``(offset, length)`` of ``data`` in the file, appending it unless already there."""
+        digest = hashlib.sha256(data).hexdigest()
+        if digest not in self._index:
+            pad = -self._size % ALIGNMENT
+            with open(self.path, "ab") as f:
+                f.write(b"\0" * pad)
+                f.write(data)
+            self._index[digest] = (self._size + pad, len(data))
+            self._size += pad + len(data)
+        return self._index[digest]
+
+    def externalize(self, model: Any, model_dir: Path, skip: set[str] | frozenset[str] = frozenset(),
+                    location: str | None = None) -> int:
+        """Move the IR ``model``'s large initializers (but those in ``skip``) into the file; returns how many.
+
+        ``location`` overrides the reference written (default: the file relative to ``model_dir``).
+        """
+        import onnx_ir as ir
+
+        location, moved = location or self.location(model_dir), 0
+        for name, value in model.graph.initializers.items():
+            t = value.const_value
+            if name in skip or t is None or isinstance(t, ir.ExternalTensor) or t.nbytes < MIN_EXTERNAL_BYTES:
+                continue
+            offset, length = self._store(t.tobytes())
+            value.const_value = ir.ExternalTensor(location, offset, length, t.dtype, shape=t.shape, name=name,
+                                                  base_dir=str(model_dir))
+            moved += 1
+        return moved
+
+    def externalize_proto(self, model: Any, model_dir: Path) -> int:
+        """Move an ``onnx.ModelProto``'s large inline initializers into the file; returns how many."""
+        from onnx import numpy_helper
+        from onnx.external_data_helper import set_external_data
+
+        location, moved = self.location(model_dir), 0
+        for t in model.graph.initializer:
+            if t.data_location == 1:  # TensorProto.EXTERNAL
+                continue
+            data = t.raw_data or numpy_helper.to_array(t).tobytes()
+            if len(data) < MIN_EXTERNAL_BYTES:
+                continue
+            offset, length = self._store(data)
+            for fld in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+                t.ClearField(fld)
+            t.raw_data = data[:1]  # set_external_data insists on a raw_data field being present
+            set_external_data(t, location=location, offset=offset, length=length)
+            t.ClearField("raw_data")
+            moved += 1
+        return moved

@@ -1,0 +1,260 @@
+"""The export pipeline: a foundation model becomes an edge package, one named stage at a time.
+
+    check_output → read_init_adapter → load → check_targets → for each rank:
+        attach LoRA → wrap loss → export ONNX → lower ExecuTorch → verify → detach
+    → save (hash files, write the manifest, rename into place)
+
+Cheap checks come first, so bad input (unknown runtime, rank ≤ 0, OUT exists, an ``--adapter`` of too low a
+rank) fails in milliseconds without loading a model; target modules and rank bounds are checked against the
+loaded model's real linear layers. Everything is staged in a temporary directory next to OUT
+(:func:`export.package.write_package`) and appears only if every program passed verification.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from export.adapter import Adapter, read_adapter, write_adapter
+from export.errors import AdapterError, ConfigError, PackageError
+from export.estimates import estimate
+from export.lora import (
+    LoraSpec,
+    attach_lora,
+    check_ranks,
+    conform,
+    detach_lora,
+    read_lora,
+    target_shapes,
+    trainable_parameters,
+)
+from export.manifest import MANIFEST_FILE, RUNTIMES, Manifest, ModelSection
+from export.package import PackageSpec, PackageWriter, RankRecord, write_package
+from export.verify import Check, raise_if_failed, verification_section
+
+QUANTIZE = ("none",)
+VERIFY_SEED = 0
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """Everything ``lorafleet export`` takes; validated on construction (errors name field and value)."""
+
+    model: str
+    ranks: tuple[int, ...]
+    target_modules: tuple[str, ...]
+    out: Path
+    lora_alpha: float = 16.0
+    seq_len: int = 64
+    batch_size: int = 1
+    adapter: Path | None = None
+    runtimes: tuple[str, ...] = RUNTIMES
+    quantize: str = "none"
+    force: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.ranks:
+            raise ConfigError("ranks is empty")
+        for r in self.ranks:
+            if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+                raise ConfigError(f"ranks: every rank must be a positive integer, got {r!r}")
+        if len(set(self.ranks)) != len(self.ranks):
+            raise ConfigError(f"ranks: duplicate rank in {list(self.ranks)}")
+        if not self.target_modules or any(not t for t in self.target_modules):
+            raise ConfigError(f"target_modules must be non-empty names, got {list(self.target_modules)}")
+        if not self.runtimes:
+            raise ConfigError("runtimes is empty")
+        for rt in self.runtimes:
+            if rt not in RUNTIMES:
+                raise ConfigError(f"runtimes: unknown runtime {rt!r} (known: {', '.join(RUNTIMES)})")
+        if len(set(self.runtimes)) != len(self.runtimes):
+            raise ConfigError(f"runtimes: duplicate runtime in {list(self.runtimes)}")
+        if self.quantize not in QUANTIZE:
+            raise ConfigError(f"quantize: unknown mode {self.quantize!r} (known: {', '.join(QUANTIZE)})")
+        if not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
+            raise ConfigError(f"lora_alpha must be a positive number, got {self.lora_alpha}")
+        if self.seq_len < 2:
+            raise ConfigError(f"seq_len must be at least 2 (the loss predicts token t+1), got {self.seq_len}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be at least 1, got {self.batch_size}")
+        object.__setattr__(self, "ranks", tuple(sorted(self.ranks)))
+        object.__setattr__(self, "out", Path(self.out))
+
+    def lora(self, r: int) -> LoraSpec:
+        return LoraSpec(r, self.target_modules, self.lora_alpha)
+
+
+@dataclass
+class ExportResult:
+    manifest: Manifest
+    path: Path
+    seconds: dict[str, float] = field(default_factory=dict)  # per stage, summed over ranks
+
+
+# --- the stages -----------------------------------------------------------------------------------------
+
+def check_output(cfg: ExportConfig) -> None:
+    """OUT must not exist (unless ``force`` and it is a package) and its parent must be writable."""
+    import os
+
+    out = cfg.out
+    if out.exists() and not cfg.force:
+        raise PackageError(f"output {out} already exists (use --force to replace it)")
+    if out.exists() and not (out / MANIFEST_FILE).is_file():
+        raise PackageError(f"output {out} exists and is not an edge package; refusing to replace it")
+    parent = next((p for p in [out.parent, *out.parent.parents] if p.exists()), Path("."))
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise PackageError(f"cannot write to {parent}: not a writable directory")
+
+
+def read_init_adapter(cfg: ExportConfig) -> Adapter | None:
+    """The ``--adapter`` every rank starts from; its rank must cover the largest requested rank."""
+    if cfg.adapter is None:
+        return None
+    adapter = read_adapter(cfg.adapter)
+    low = min(adapter.ranks)
+    if max(cfg.ranks) > low:
+        raise AdapterError(f"requested rank {max(cfg.ranks)} is above the rank {low} of --adapter {cfg.adapter}")
+    return adapter
+
+
+def load(cfg: ExportConfig) -> Any:
+    """The foundation model, fp32, eager attention (SDPA's backward is not core ATen)."""
+    from export.models import load_model
+
+    return load_model(cfg.model, attn_implementation="eager", with_tokenizer=False)
+
+
+def check_targets(model: Any, cfg: ExportConfig, init: Adapter | None) -> dict[str, tuple[int, int]]:
+    """Target modules exist, every rank fits min(in, out), the adapter covers exactly these modules."""
+    shapes = target_shapes(model, cfg.target_modules)
+    check_ranks(shapes, list(cfg.ranks))
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if max_pos is not None and cfg.seq_len > max_pos:
+        raise ConfigError(f"seq_len {cfg.seq_len} exceeds the model's max_position_embeddings {max_pos}")
+    if init is not None:
+        conform(init, cfg.lora(min(cfg.ranks)), expected=set(shapes))
+        for name, pair in init.modules.items():
+            if pair.shape != shapes[name]:
+                raise AdapterError(f"--adapter module {name} is {pair.shape[0]} × {pair.shape[1]}, "
+                                   f"the model's is {shapes[name][0]} × {shapes[name][1]}")
+    return shapes
+
+
+def model_section(info: Any) -> ModelSection:
+    d = info.to_dict()
+    return ModelSection(**{k: d[k] for k in ModelSection.__dataclass_fields__})
+
+
+# --- per rank -------------------------------------------------------------------------------------------
+
+@dataclass
+class RankContext:
+    """What the per-rank stages share."""
+
+    cfg: ExportConfig
+    writer: PackageWriter
+    batch: tuple[Any, Any]  # (input_ids, labels), int64 (B, T)
+    seconds: dict[str, float]
+    log: Log
+    onnx_shared: Any | None = None  # export.onnx_graph.SharedExternalData
+    et_store: Any | None = None  # export.executorch.FoundationStore
+    initial: dict[int, Adapter] = field(default_factory=dict)  # each rank's packaged LoRA weights
+
+    def timed(self, stage: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        out = fn(*args, **kwargs)
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - t0
+        return out
+
+
+def compile_rank(ctx: RankContext, model: Any, r: int, init: Adapter | None) -> tuple[Any, list[Check]]:
+    """attach → wrap loss → export ONNX (+ verify) → lower ExecuTorch → detach; returns the base model."""
+    from export.loss import CausalLMLoss
+    from export.stages import export_onnx_rank, lower_executorch_rank
+
+    spec = ctx.cfg.lora(r)
+    ctx.log(f"rank {r}: attach LoRA")
+    peft_model = ctx.timed("attach", attach_lora, model, spec, conform(init, spec, None) if init else None)
+    peft_model.eval()
+    ctx.initial[r] = read_lora(peft_model, spec, base_model=ctx.cfg.model)
+    write_adapter(ctx.initial[r], ctx.writer.path(r, "adapter"))
+    checks: list[Check] = []
+    if "onnx" in ctx.cfg.runtimes:
+        ctx.log(f"rank {r}: export ONNX Runtime training artifacts and verify them")
+        checks += export_onnx_rank(ctx, peft_model, CausalLMLoss(peft_model), spec)
+    if "executorch" in ctx.cfg.runtimes:
+        ctx.log(f"rank {r}: lower ExecuTorch inference and training programs")
+        lower_executorch_rank(ctx, peft_model, spec)
+    return detach_lora(peft_model), checks
+
+
+def verify_executorch(ctx: RankContext, model: Any) -> tuple[Any, list[Check]]:
+    """Write the shared ``.ptd``, then check every rank's ExecuTorch programs loaded with it."""
+    from export.stages import verify_executorch_rank
+
+    assert ctx.et_store is not None
+    ctx.log("write the shared ExecuTorch foundation")
+    ctx.timed("lower_executorch", ctx.et_store.write, ctx.writer.foundation("executorch"))
+    checks: list[Check] = []
+    for r in ctx.cfg.ranks:
+        ctx.log(f"rank {r}: verify ExecuTorch programs")
+        spec = ctx.cfg.lora(r)
+        peft_model = attach_lora(model, spec, ctx.initial[r])
+        peft_model.eval()
+        checks += ctx.timed("verify", verify_executorch_rank, ctx, peft_model, spec)
+        model = detach_lora(peft_model)
+    return model, checks
+
+
+# --- the whole pipeline ---------------------------------------------------------------------------------
+
+def run_export(cfg: ExportConfig, log: Log = lambda _msg: None) -> ExportResult:
+    """Compile, verify and write the package ``cfg.out``. Raises a :class:`LorafleetError` on bad input or
+    failed verification, leaving nothing behind."""
+    from export.loss import example_batch
+
+    check_output(cfg)
+    init = read_init_adapter(cfg)
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    log(f"load {cfg.model}")
+    lm = load(cfg)
+    seconds["load"] = time.perf_counter() - t0
+    shapes = check_targets(lm.model, cfg, init)
+    section = model_section(lm.info)
+    batch = example_batch(section.vocab_size, cfg.batch_size, cfg.seq_len, seed=VERIFY_SEED)
+    model = lm.model
+    with write_package(cfg.out, overwrite=cfg.force) as writer:
+        ctx = RankContext(cfg, writer, batch, seconds, log)
+        if "onnx" in cfg.runtimes:
+            from export.onnx_graph import SharedExternalData
+
+            ctx.onnx_shared = SharedExternalData(writer.foundation("onnx"))
+        if "executorch" in cfg.runtimes:
+            from export.executorch import FoundationStore
+
+            ctx.et_store = FoundationStore()
+        checks: list[Check] = []
+        for r in cfg.ranks:
+            model, rank_checks = compile_rank(ctx, model, r, init)
+            checks += rank_checks
+        if ctx.et_store is not None:
+            model, et_checks = verify_executorch(ctx, model)
+            checks += et_checks
+        raise_if_failed(checks)
+        t1 = time.perf_counter()
+        records = [RankRecord(r, trainable_parameters(shapes, r),
+                              estimate(section, list(cfg.target_modules), r, cfg.seq_len, cfg.batch_size))
+                   for r in cfg.ranks]
+        spec = PackageSpec(section, sorted(cfg.target_modules), cfg.lora_alpha, cfg.seq_len, cfg.batch_size,
+                           list(cfg.runtimes), cfg.quantize)
+        manifest = writer.finish(spec, records, verification_section(
+            checks, batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=VERIFY_SEED))
+        seconds["save"] = time.perf_counter() - t1
+    return ExportResult(manifest, cfg.out, seconds)
