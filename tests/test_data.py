@@ -131,3 +131,14 @@ def test_batches_are_seeded_full_and_cover_every_example(tok):
         list(batches(enc, 0, 1, seed=0))
     with pytest.raises(DataError, match="no examples"):
         list(batches([], 1, 1, seed=0))
+
+
+def test_tokenizer_for_a_model_spec(tmp_path, monkeypatch):
+    from edge_client.tokenizer import load_tokenizer
+    from export.errors import ModelSpecError
+
+    assert load_tokenizer("random:tiny").chat_template
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(ModelSpecError, match="no usable tokenizer for model"):
+        load_tokenizer(str(tmp_path))

@@ -21,7 +21,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from export.errors import ConfigError
+from export.errors import AdapterError, ConfigError
 
 if TYPE_CHECKING:
     import torch
@@ -100,3 +100,10 @@ class AdamW:
                 p.addcdiv_(m, v.sqrt().add_(c.eps), value=-lr_t)
                 if c.weight_decay:
                     p.mul_(1.0 - c.lr * c.weight_decay)
+
+
+def check_rank(adapter: Adapter, rank: int) -> None:
+    """Raise :class:`AdapterError` unless every module of ``adapter`` has rank ``rank`` (what a program trains)."""
+    if adapter.ranks != {rank}:
+        raise AdapterError(f"adapter has rank {sorted(adapter.ranks)}, the program trains rank {rank} "
+                           f"(truncate it first: export.adapter.truncate)")

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from edge_client.backends.base import AdamW, OptimizerConfig
+from edge_client.backends.base import AdamW, OptimizerConfig, check_rank
 from export.adapter import Adapter, LoraPair, peft_config, rescale, scaling_for
 from export.errors import AdapterError
 
 if TYPE_CHECKING:
-    from export.package import Package
-
     from edge_client.data import Batch
+    from export.package import Package
 
 PEFT_ROOT = "base_model.model."
 
@@ -90,9 +89,7 @@ class TorchBackend:
 
 def check_adapter_fits(adapter: Adapter, rank: int, modules: set[str]) -> None:
     """Raise :class:`AdapterError` unless ``adapter`` has exactly ``modules``, all at ``rank``."""
-    if adapter.ranks != {rank}:
-        raise AdapterError(f"adapter has rank {sorted(adapter.ranks)}, the program trains rank {rank} "
-                           f"(truncate it first: export.adapter.truncate)")
+    check_rank(adapter, rank)
     if set(adapter.modules) != modules:
         missing = sorted(modules - set(adapter.modules))[:2]
         extra = sorted(set(adapter.modules) - modules)[:2]

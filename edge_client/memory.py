@@ -1,0 +1,51 @@
+"""Resident memory of this process: current, peak, and a resettable peak (Linux ``clear_refs``).
+
+The peak is the kernel's high-water mark ``VmHWM``; writing ``5`` to ``/proc/self/clear_refs`` resets it to
+the current RSS (Linux ≥ 4.0), so one process can measure the peak of one phase. Where that is unavailable
+the peak is the process-lifetime maximum (``getrusage``), which only over-reports.
+"""
+
+from __future__ import annotations
+
+import re
+import resource
+import sys
+from pathlib import Path
+
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def reset_peak_rss() -> bool:
+    """Reset the peak to the current RSS; ``False`` if this system cannot (the peak then stays lifetime)."""
+    try:
+        _CLEAR_REFS.write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int:
+    """The peak resident set size since start or the last :func:`reset_peak_rss`."""
+    hwm = _status_kib("VmHWM")
+    if hwm is not None:
+        return hwm * 1024
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB on Linux
+
+
+def current_rss_bytes() -> int:
+    rss = _status_kib("VmRSS")
+    if rss is not None:
+        return rss * 1024
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
+def _status_kib(key: str) -> int | None:
+    try:
+        m = re.search(rf"^{key}:\s+(\d+) kB", _STATUS.read_text(), re.MULTILINE)
+    except OSError:
+        return None
+    return int(m.group(1)) if m else None

@@ -1,0 +1,193 @@
+"""The profiler: measure what training each packaged rank costs here, predict every rank, choose one.
+
+With a package, real training steps of the packaged program run at two ranks (by default the smallest and the
+largest, which conditions the fit best), each in a fresh process so that its peak RSS is that rank's alone.
+Peak memory and step time are fitted as ``a + b·r`` (rank enters the LoRA training-memory formula linearly,
+DEVICES.md §3b; slopes are clamped at ≥ 0 against timing noise), every packaged rank is predicted, and
+:func:`edge_client.rank_choice.choose_rank` selects. If the larger measurement fails (e.g. out of memory on a
+small device) the slope comes from the manifest's formula estimates instead, and the reasons say so.
+
+The fixed terms — batch size and sequence length — are compiled into the package's programs: the profiler
+reports them rather than choosing them; they dominate the activation and logits memory, rank does not.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edge_client.device import DeviceReport
+from edge_client.rank_choice import Budgets, RankDecision, RankPrediction, choose_rank, fmt_bytes
+from export.errors import LorafleetError
+from export.package import Package
+
+
+@dataclass(frozen=True)
+class RankMeasurement:
+    rank: int
+    peak_rss_bytes: int  # peak RSS of a fresh process that loaded the program and trained
+    step_seconds: float  # median over the timed steps, on this host
+
+
+@dataclass(frozen=True)
+class LinearFit:
+    """``y = intercept + slope · r``."""
+
+    intercept: float
+    slope: float
+
+    def __call__(self, r: float) -> float:
+        return self.intercept + self.slope * r
+
+
+@dataclass
+class ProfileResult:
+    device: DeviceReport
+    decision: RankDecision
+    measurements: list[RankMeasurement] = field(default_factory=list)
+    predictions: list[RankPrediction] = field(default_factory=list)  # on this host, before device scaling
+
+    @property
+    def selected_rank(self) -> int | None:
+        return self.decision.selected_rank
+
+    def to_json(self) -> dict[str, Any]:
+        """Exactly what ``lorafleet profile --json`` prints."""
+        return {"device": self.device.to_json(), **self.decision.to_json()}
+
+
+def profile_device(device: DeviceReport, package: Package | None, backend: str, budgets: Budgets, *,
+                   measure_ranks: tuple[int, int] | None = None, steps: int = 3) -> ProfileResult:
+    """Profile ``package``'s ranks on ``backend`` for ``device`` (measured here, or emulated from a profile)."""
+    if package is None:
+        reason = "no package given: the device was measured, no rank was evaluated (use --package)"
+        return ProfileResult(device, RankDecision([], None, [reason]))
+    lo, hi = measure_ranks or (min(package.ranks), max(package.ranks))
+    measured = [measure_rank(package.path, lo, backend, steps=steps)]
+    notes = []
+    if hi != lo:
+        try:
+            measured.append(measure_rank(package.path, hi, backend, steps=steps))
+        except LorafleetError as exc:
+            notes.append(f"measuring rank {hi} failed ({exc}); rank slopes come from the manifest's estimates")
+    mem_fit, time_fit = fit_growth(package, measured)
+    predictions = predict(package, mem_fit, time_fit)
+    decision = choose_rank(device, predictions, budgets)
+    decision.reasons[:0] = fixed_term_reasons(package, backend, measured, mem_fit, time_fit) + notes
+    return ProfileResult(device, decision, measured, predictions)
+
+
+def fit_growth(package: Package, measured: list[RankMeasurement]) -> tuple[LinearFit, LinearFit]:
+    """Peak bytes and step seconds as linear functions of rank (one measurement: manifest slopes)."""
+    if len(measured) >= 2:
+        rs = [float(m.rank) for m in measured]
+        mem = fit_linear(rs, [float(m.peak_rss_bytes) for m in measured])
+        sec = fit_linear(rs, [m.step_seconds for m in measured])
+        return mem, sec
+    m = measured[0]
+    mem_slope, flop_share = _manifest_slopes(package)
+    mem = LinearFit(m.peak_rss_bytes - mem_slope * m.rank, mem_slope)
+    sec_slope = m.step_seconds * flop_share
+    return mem, LinearFit(m.step_seconds - sec_slope * m.rank, sec_slope)
+
+
+def fit_linear(xs: list[float], ys: list[float]) -> LinearFit:
+    """Least-squares line through ``(xs, ys)``, slope clamped at ≥ 0 (rank never makes training cheaper)."""
+    if len(set(xs)) < 2:
+        raise ValueError("fit_linear needs at least two distinct x values")
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
+    slope = max(slope, 0.0)
+    return LinearFit(my - slope * mx, slope)
+
+
+def predict(package: Package, mem: LinearFit, sec: LinearFit) -> list[RankPrediction]:
+    """Every packaged rank's predicted peak, step time (this host) and adapter size (fp32 A and B)."""
+    out = []
+    for r in sorted(package.ranks):
+        params = package.manifest.rank(r).trainable_parameters
+        out.append(RankPrediction(r, max(int(mem(r)), 0), max(sec(r), 0.0), 4 * params))
+    return out
+
+
+def fixed_term_reasons(package: Package, backend: str, measured: list[RankMeasurement], mem: LinearFit,
+                       sec: LinearFit) -> list[str]:
+    m = package.manifest
+    ranks = " and ".join(str(x.rank) for x in measured)
+    return [
+        f"fixed terms: batch {m.batch_size} × seq_len {m.seq_len} tokens, compiled into the package's programs "
+        f"(chosen at export; activations and logits grow with them, rank only adds its LoRA term)",
+        f"measured ranks {ranks} on {backend} ({len(measured)} fresh processes): peak ≈ {fmt_bytes(mem.intercept)}"
+        f" + {fmt_bytes(mem.slope)}/rank, step ≈ {sec.intercept * 1e3:.1f} ms + {sec.slope * 1e3:.3f} ms/rank "
+        f"on this host",
+    ]
+
+
+def _manifest_slopes(package: Package) -> tuple[float, float]:
+    """Bytes per rank and the per-rank share of step FLOPs, from the manifest's formula estimates."""
+    ranks = sorted(package.ranks)
+    est = [package.manifest.rank(r).estimates for r in ranks]
+    if len(ranks) < 2:
+        return 0.0, 0.0
+    dr = ranks[-1] - ranks[0]
+    mem = (est[-1].training_peak_memory_bytes - est[0].training_peak_memory_bytes) / dr
+    flops = (est[-1].flops_per_step - est[0].flops_per_step) / dr / max(est[0].flops_per_step, 1)
+    return max(mem, 0.0), max(flops, 0.0)
+
+
+# --- measuring one rank in a fresh process --------------------------------------------------------------
+
+def measure_rank(package_path: str | Path, rank: int, backend: str, *, steps: int = 3, warmup: int = 1,
+                 timeout: float = 900) -> RankMeasurement:
+    """Train ``steps`` (+ ``warmup``) steps of ``rank`` in a child process; its peak RSS and median step time."""
+    cmd = [sys.executable, "-m", "edge_client.profiler", str(package_path), str(rank), backend, str(steps),
+           str(warmup)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired as exc:
+        raise LorafleetError(f"measuring rank {rank} on {backend} took over {timeout:.0f} s") from exc
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+        raise LorafleetError(f"measuring rank {rank} on {backend} failed: {tail}")
+    data = json.loads(lines[-1])
+    return RankMeasurement(int(data["rank"]), int(data["peak_rss_bytes"]), float(data["step_seconds"]))
+
+
+def _measure_here(package_path: str, rank: int, backend: str, steps: int, warmup: int) -> dict[str, Any]:
+    """The child's side: build the backend, train on random tokens (every position labelled), report."""
+    import numpy as np
+
+    from edge_client.backends import OptimizerConfig, make_backend
+    from edge_client.data import Batch
+    from edge_client.memory import peak_rss_bytes
+    from export.package import open_package
+
+    pkg = open_package(package_path, verify=False)  # the parent verified it
+    m = pkg.manifest
+    be = make_backend(backend, pkg, rank, OptimizerConfig())
+    rng = np.random.default_rng(rank)
+    ids = rng.integers(0, m.model.vocab_size, size=(m.batch_size, m.seq_len), dtype=np.int64)
+    batch = Batch(ids, ids.copy())
+    for _ in range(warmup):
+        be.step(batch)
+    seconds = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        loss = be.step(batch)
+        seconds.append(time.perf_counter() - start)
+    if not math.isfinite(loss):
+        raise LorafleetError(f"rank {rank} on {backend}: non-finite loss {loss}")
+    return {"rank": rank, "peak_rss_bytes": peak_rss_bytes(), "step_seconds": statistics.median(seconds)}
+
+
+if __name__ == "__main__":
+    _path, _rank, _backend, _steps, _warmup = sys.argv[1:6]
+    print(json.dumps(_measure_here(_path, int(_rank), _backend, int(_steps), int(_warmup))))
