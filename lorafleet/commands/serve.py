@@ -1,9 +1,69 @@
-"""`lorafleet serve`: Run a lorafleet federation server on Flower."""
+"""`lorafleet serve`: run a federation server — Flower's SuperLink with the lorafleet ServerApp on it.
 
+    lorafleet serve --package PKG --method M --rounds R [--min-clients N] [--fraction F] [--round-timeout S]
+                    --address HOST:PORT --state DIR [--resume]
+                    [--ssl-certfile CERT --ssl-keyfile KEY --ssl-ca-certfile CA]
+
+Exits 0 after R rounds; DIR holds ``global/`` (the global PEFT adapter) and ``state.json``. The orchestration
+is :func:`lorafleet.federation.serve`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import click
 import typer
 
-from lorafleet.commands._unavailable import register_unavailable
+from server.aggregation import METHODS
 
 
 def register(app: typer.Typer) -> None:
-    register_unavailable(app, "serve", "Run a lorafleet federation server on Flower")
+    @app.command("serve")
+    def serve(
+        package: Annotated[Path, typer.Option("--package", help="The edge package the devices train.")],
+        method: Annotated[str, typer.Option("--method", click_type=click.Choice(list(METHODS)),
+                                            help="fedavg (every device at the package's smallest rank), hetlora "
+                                                 "(Cho et al. 2024) or flexlora (Bai et al. 2024).")],
+        rounds: Annotated[int, typer.Option("--rounds", min=1, help="Rounds to run (in all, when resuming).")],
+        address: Annotated[str, typer.Option("--address", metavar="HOST:PORT",
+                                             help="Where the SuperLink listens for devices.")],
+        state: Annotated[Path, typer.Option("--state", metavar="DIR",
+                                            help="State directory: global/ adapter, state.json, Flower's files.")],
+        min_clients: Annotated[int, typer.Option("--min-clients", min=1,
+                                                 help="Devices to wait for before a round, and (unless "
+                                                      "--min-valid) valid replies needed to update the global "
+                                                      "adapter.")] = 2,
+        min_valid: Annotated[int, typer.Option("--min-valid", min=0,
+                                               help="Valid replies needed to update the global adapter "
+                                                    "(default: --min-clients).")] = 0,
+        fraction: Annotated[float, typer.Option("--fraction", help="Share of connected devices per round.")] = 1.0,
+        round_timeout: Annotated[float, typer.Option("--round-timeout", metavar="S",
+                                                     help="Seconds to wait for replies; also each device's time "
+                                                          "budget for its local round.")] = 600.0,
+        resume: Annotated[bool, typer.Option("--resume", help="Continue the run saved in --state.")] = False,
+        local_steps: Annotated[int, typer.Option("--local-steps", min=1,
+                                                 help="Training steps per device per round.")] = 10,
+        lr: Annotated[float, typer.Option("--lr", help="Devices' learning rate.")] = 1e-3,
+        seed: Annotated[int, typer.Option("--seed", help="Seed of sampling and of the devices' batches.")] = 0,
+        ssl_certfile: Annotated[str, typer.Option("--ssl-certfile", metavar="CERT",
+                                                  help="TLS: the server's certificate (PEM).")] = "",
+        ssl_keyfile: Annotated[str, typer.Option("--ssl-keyfile", metavar="KEY",
+                                                 help="TLS: the server's private key (PEM).")] = "",
+        ssl_ca_certfile: Annotated[str, typer.Option("--ssl-ca-certfile", metavar="CA",
+                                                     help="TLS: the CA certificate devices verify the server "
+                                                          "with.")] = "",
+    ) -> None:
+        """Run a lorafleet federation server on Flower (SuperLink + the lorafleet ServerApp)."""
+        from lorafleet.federation import Tls
+        from lorafleet.federation import serve as run_serve
+        from server.server_app import ServerConfig
+
+        config = ServerConfig(package=str(package.resolve()), method=method, rounds=rounds,
+                              state_dir=str(state.resolve()), resume=resume, min_clients=min_clients,
+                              min_valid=min_valid, fraction=fraction, round_timeout=round_timeout, seed=seed,
+                              local_steps=local_steps, lr=lr)
+        final = run_serve(config, address, Tls(ssl_certfile, ssl_keyfile, ssl_ca_certfile), echo=typer.echo)
+        typer.echo(f"lorafleet: {final.method} finished: round {final.round} of {final.rounds}; global adapter in "
+                   f"{state / 'global'}")

@@ -1,0 +1,265 @@
+"""The lorafleet ClientApp: what a device runs inside a Flower SuperNode.
+
+Two messages, in the protocol of :mod:`export.protocol` (``docs/federation-protocol.md``):
+
+* **query** — "which rank do you train?". The device's profiler answers (:mod:`edge_client.profiler`: an
+  emulated device from ``profile``, or this machine with ``measure``) under the server's budgets — its round
+  timeout and local steps — unless the node was given a fixed ``rank``. The answer is kept in
+  ``context.state`` for the rest of the run.
+* **train** — the global adapter at the device's rank plus instructions; the trainer
+  (:func:`edge_client.trainer.train_local`) trains locally and the reply carries the trained adapter, the
+  example count and the rank (smaller than the one sent only after HetLoRA self-pruning).
+
+In deployment Flower starts a fresh process for every message, so nothing heavy is kept between messages:
+the per-node state is the chosen rank (``context.state``), and a decision made for an emulated profile is
+also cached on disk (profiling trains a few steps in child processes). Node settings come from the
+SuperNode's ``--node-config`` (keys :data:`NODE_CONFIG_KEYS`); simulation passes them with
+:func:`make_client_app`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from flwr.clientapp import ClientApp
+
+from export import protocol as P
+from export.errors import ConfigError
+
+if TYPE_CHECKING:
+    from flwr.app import Context, Message
+
+    from export.package import Package
+
+NODE_CONFIG_KEYS = ("package", "data", "backend", "profile", "measure", "rank", "cache-dir")
+STATE_KEY = "lorafleet"
+RUNTIME_BACKENDS = {"onnx": "onnxruntime", "executorch": "executorch"}  # package runtime -> training backend
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """One device's settings: its package, data, backend, and how it picks its rank."""
+
+    package: str
+    data: str
+    backend: str = "auto"  # auto: from the profile's runtimes and the package's
+    profile: str = ""  # a device profile TOML: an emulated device
+    measure: bool = False  # measure this machine
+    rank: int = 0  # > 0: a fixed rank, no profiling
+    cache_dir: str = ""  # where emulated-profile decisions are cached ("" = the lorafleet cache)
+
+    def __post_init__(self) -> None:
+        if not self.package or not self.data:
+            raise ConfigError(f"a node needs package and data, got package={self.package!r} data={self.data!r}")
+        if self.rank < 0:
+            raise ConfigError(f"rank must be positive (or 0 for the profiler's choice), got {self.rank}")
+        if self.rank == 0 and bool(self.profile) == self.measure:
+            raise ConfigError("a node picks its rank from exactly one of profile (a device profile file) or "
+                              "measure (this machine), unless it is given a rank")
+
+    @classmethod
+    def from_node_config(cls, node_config: Mapping[str, Any]) -> NodeSettings:
+        unknown = sorted(set(node_config) - set(NODE_CONFIG_KEYS))
+        if unknown:
+            raise ConfigError(f"unknown node-config keys {unknown} (known: {list(NODE_CONFIG_KEYS)})")
+        kw: dict[str, Any] = {k.replace("-", "_"): v for k, v in node_config.items()}
+        for key, kind in (("rank", int), ("measure", bool)):
+            if key in kw and (not isinstance(kw[key], kind) or (kind is int and isinstance(kw[key], bool))):
+                raise ConfigError(f"node-config {key} must be {kind.__name__}, got {kw[key]!r}")
+        for key in ("package", "data", "backend", "profile", "cache_dir"):
+            if key in kw and not isinstance(kw[key], str):
+                raise ConfigError(f"node-config {key} must be a string, got {kw[key]!r}")
+        return cls(**kw)
+
+    def to_node_config(self) -> dict[str, Any]:
+        return {k.replace("_", "-"): v for k, v in asdict(self).items()}
+
+
+def make_client_app(node_settings: NodeSettings | Callable[[Context], NodeSettings] | None = None) -> ClientApp:
+    """A ClientApp running lorafleet. ``node_settings``: fixed settings, a function of the node's context
+    (simulation: e.g. from ``context.node_config["partition-id"]``), or ``None`` to read ``--node-config``."""
+    client_app = ClientApp()
+
+    def settings_of(context: Context) -> NodeSettings:
+        if node_settings is None:
+            return NodeSettings.from_node_config(context.node_config)
+        return node_settings if isinstance(node_settings, NodeSettings) else node_settings(context)
+
+    @client_app.query()
+    def query(message: Message, context: Context) -> Message:
+        return handle_query(message, context, settings_of(context))
+
+    @client_app.train()
+    def train(message: Message, context: Context) -> Message:
+        return handle_train(message, context, settings_of(context))
+
+    return client_app
+
+
+# --- query ----------------------------------------------------------------------------------------------
+
+def handle_query(message: Message, context: Context, settings: NodeSettings) -> Message:
+    from flwr.app import Message, MetricRecord, RecordDict
+
+    config = _config(message)
+    rank = node_rank(settings, context, round_timeout=float(config.get(P.ROUND_TIMEOUT, 600.0)),
+                     local_steps=int(config.get(P.LOCAL_STEPS, 10)))
+    return Message(RecordDict({P.METRICS: MetricRecord({P.RANK: rank})}), reply_to=message)
+
+
+def node_rank(settings: NodeSettings, context: Context, *, round_timeout: float, local_steps: int) -> int:
+    """The rank this node trains (``0``: none fits), decided once per run and kept in ``context.state``."""
+    from flwr.app import ConfigRecord
+
+    kept = context.state.config_records.get(STATE_KEY)
+    if kept is not None and isinstance(kept.get("rank"), int):
+        return int(kept["rank"])  # type: ignore[arg-type]
+    pkg = _open(settings)
+    if settings.rank:
+        pkg.manifest.rank(settings.rank)  # PackageError naming the ranks it has
+        rank = settings.rank
+    else:
+        rank = _profiled_rank(settings, pkg, round_timeout, local_steps)
+    context.state.config_records[STATE_KEY] = ConfigRecord({"rank": rank})
+    return rank
+
+
+def _profiled_rank(settings: NodeSettings, pkg: Package, round_timeout: float, local_steps: int) -> int:
+    from edge_client.rank_choice import Budgets
+
+    budgets = Budgets(time_budget_seconds=round_timeout, steps_per_round=local_steps)
+    backend = resolve_backend(settings, pkg)
+    cache = _decision_cache(settings, pkg, backend, budgets)
+    if cache is not None and cache.is_file():
+        return int(json.loads(cache.read_text())["rank"])
+    from edge_client.profiler import profile_device
+
+    result = profile_device(_device(settings, pkg), pkg, backend, budgets)
+    rank = result.selected_rank or P.NO_RANK
+    if cache is not None:
+        from export.atomic import atomic_write_text
+
+        atomic_write_text(cache, json.dumps({"rank": rank, "reasons": result.decision.reasons}, indent=1))
+    return rank
+
+
+def _device(settings: NodeSettings, pkg: Package) -> Any:
+    """This machine measured at the package's layer shapes, or the profile's device emulated on it (as
+    ``lorafleet profile`` does)."""
+    from edge_client.device import emulate, measure_device
+    from edge_client.profiles import load_profile
+
+    tokens = pkg.manifest.batch_size * pkg.manifest.seq_len
+    host = measure_device(tuple((tokens, i, o) for o, i in pkg.manifest.model.module_shapes.values()))
+    return host if settings.measure else emulate(load_profile(settings.profile), host.gflops)
+
+
+def _decision_cache(settings: NodeSettings, pkg: Package, backend: str, budgets: Any) -> Path | None:
+    """Where an emulated profile's decision is cached (a measured device is always measured afresh)."""
+    if settings.measure:
+        return None
+    from export.manifest import MANIFEST_FILE
+
+    h = hashlib.sha256(b"lorafleet-rank-decision-v1")
+    for part in ((pkg.path / MANIFEST_FILE).read_bytes(), Path(settings.profile).read_bytes(),
+                 backend.encode(), repr(budgets).encode()):
+        h.update(hashlib.sha256(part).digest())
+    if settings.cache_dir:
+        root = Path(settings.cache_dir)
+    else:
+        from export.cache import cache_dir
+
+        root = cache_dir() / "ranks"
+    return root / f"{h.hexdigest()[:24]}.json"
+
+
+def resolve_backend(settings: NodeSettings, pkg: Package) -> str:
+    """``settings.backend``, or for ``auto``: the first of the profile's runtimes the package has, and for a
+    measured device ONNX Runtime before ExecuTorch (ORT trained 1.65x faster than eager torch on SmolLM2-135M,
+    the plain ExecuTorch training program 6.9x slower; docs/STACK.md)."""
+    if settings.backend != "auto":
+        return settings.backend
+    have = [RUNTIME_BACKENDS[rt] for rt in ("onnx", "executorch") if rt in pkg.manifest.runtimes]
+    wanted = have
+    if settings.profile:
+        from edge_client.profiles import load_profile
+
+        wanted = [b for b in load_profile(settings.profile).runtimes if b in have]
+    if not wanted:
+        raise ConfigError(f"the package's runtimes {pkg.manifest.runtimes} include none this device runs; "
+                          f"pass a backend explicitly")
+    return wanted[0]
+
+
+# --- train ----------------------------------------------------------------------------------------------
+
+def handle_train(message: Message, context: Context, settings: NodeSettings) -> Message:
+    """Train on the received adapter; reply with the trained adapter, example count and rank."""
+    from flwr.app import Message, MetricRecord, RecordDict
+
+    from edge_client.data import read_jsonl
+    from edge_client.self_prune import SelfPruneConfig
+    from edge_client.trainer import train_local
+
+    config = _config(message)
+    pkg = _open(settings)
+    received = received_adapter(message, config, pkg)
+    examples = read_jsonl(settings.data).examples
+    prune = SelfPruneConfig(gamma=float(config[P.PRUNE_GAMMA])) if config.get(P.SELF_PRUNE) else False
+    start = time.perf_counter()
+    result = train_local(pkg, received.r, resolve_backend(settings, pkg), examples, initial_adapter=received,
+                         steps=int(config[P.LOCAL_STEPS]), batch_size=int(config[P.BATCH_SIZE]) or None,
+                         lr=float(config[P.LEARNING_RATE]), seed=device_seed(int(config[P.SEED]), settings.data),
+                         self_prune=prune)
+    metrics: dict[str, Any] = {P.NUM_EXAMPLES: result.num_examples, P.RANK: result.rank,
+               P.LOSS: float(statistics.fmean(result.losses)), P.TRAIN_SECONDS: time.perf_counter() - start}
+    return Message(RecordDict({P.ARRAYS: P.adapter_record(result.adapter),
+                               P.METRICS: MetricRecord(metrics)}), reply_to=message)
+
+
+def received_adapter(message: Message, config: Mapping[str, Any], pkg: Package) -> Any:
+    """The adapter in a train message, checked against this node's package (same scaling and modules)."""
+    m = pkg.manifest
+    if float(config[P.LORA_ALPHA]) != m.lora_alpha or bool(config[P.USE_RSLORA]) != m.use_rslora:
+        raise ConfigError(f"the server's adapter has lora_alpha {config[P.LORA_ALPHA]} (rsLoRA "
+                          f"{config[P.USE_RSLORA]}), this node's package {m.lora_alpha} (rsLoRA {m.use_rslora}): "
+                          f"server and device must use the same package")
+    r = int(config[P.RANK])
+    m.rank(r)
+    arrays = {k: a.numpy() for k, a in message.content.array_records[P.ARRAYS].items()}
+    return P.adapter_from_arrays(arrays, r, m.lora_alpha, use_rslora=m.use_rslora, target_modules=m.target_modules,
+                                 origin="the server's adapter")
+
+
+def device_seed(server_seed: int, data_path: str) -> int:
+    """The round's seed mixed with this device's data, so devices differ and a rerun repeats exactly."""
+    h = hashlib.sha256(Path(data_path).read_bytes())
+    h.update(server_seed.to_bytes(16, "little", signed=True))
+    return int.from_bytes(h.digest()[:4], "little")
+
+
+def _config(message: Message) -> Mapping[str, Any]:
+    content = message.content
+    if P.CONFIG not in content.config_records:
+        raise ConfigError(f"the server's message has no {P.CONFIG!r} record")
+    config = content.config_records[P.CONFIG]
+    if config.get(P.PROTOCOL) != P.PROTOCOL_VERSION:
+        raise ConfigError(f"the server speaks protocol {config.get(P.PROTOCOL)!r}, this device "
+                          f"{P.PROTOCOL_VERSION}: upgrade the older side")
+    return config
+
+
+def _open(settings: NodeSettings) -> Package:
+    from export.package import open_package
+
+    return open_package(settings.package, verify=False)
+
+
+app = make_client_app()

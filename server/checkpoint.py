@@ -1,0 +1,149 @@
+"""The server's state on disk — the one module that reads or writes it.
+
+A state directory ``DIR`` holds::
+
+    DIR/global/        the global adapter after the last completed round (a PEFT adapter directory)
+    DIR/state.json     round, method, the configuration, each node's rank, and the per-round history
+    DIR/flower/        Flower's own files (SuperLink database, FLWR_HOME) when ``lorafleet serve`` runs
+
+It is written after every round so that a crash loses at most the round in progress, and a save is crash-safe
+in any interleaving: the new adapter is first written complete to ``DIR/global.next/`` (temporary directory +
+rename), then ``state.json`` is replaced atomically naming the sha256 of that adapter's weights, then
+``global.next/`` replaces ``global/``. :meth:`Checkpoint.load` takes whichever of the two directories matches
+the digest in ``state.json`` (finishing an interrupted swap), so state and adapter always agree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from export.adapter import WEIGHTS_FILE, read_adapter, write_adapter
+from export.atomic import atomic_write_text
+from export.errors import LorafleetError
+
+if TYPE_CHECKING:
+    from export.adapter import Adapter
+
+STATE_FILE = "state.json"
+GLOBAL_DIR = "global"
+NEXT_DIR = "global.next"
+FLOWER_DIR = "flower"
+STATE_VERSION = 1
+
+
+class CheckpointError(LorafleetError):
+    """A state directory that is missing, inconsistent, or in the way of a new run."""
+
+
+@dataclass
+class ServerState:
+    """What ``state.json`` holds (besides the adapter digest)."""
+
+    method: str
+    rounds: int  # the rounds the run was asked for
+    round: int = 0  # rounds completed
+    package: str = ""
+    global_rank: int = 0
+    seed: int = 0
+    config: dict[str, Any] = field(default_factory=dict)  # the run's settings, for the record
+    node_ranks: dict[str, int] = field(default_factory=dict)  # Flower node id -> current rank
+    history: list[dict[str, Any]] = field(default_factory=list)  # one entry per completed round
+    finished: bool = False
+    version: int = STATE_VERSION
+
+    def to_json(self, global_sha256: str) -> str:
+        return json.dumps({**asdict(self), "global_sha256": global_sha256}, indent=2, sort_keys=True) + "\n"
+
+
+class Checkpoint:
+    """Reads and writes one state directory."""
+
+    def __init__(self, directory: str | Path):
+        self.dir = Path(directory)
+
+    @property
+    def state_file(self) -> Path:
+        return self.dir / STATE_FILE
+
+    @property
+    def global_dir(self) -> Path:
+        return self.dir / GLOBAL_DIR
+
+    @property
+    def flower_dir(self) -> Path:
+        """Where Flower's own files live (SuperLink database, FLWR_HOME)."""
+        return self.dir / FLOWER_DIR
+
+    def exists(self) -> bool:
+        return self.state_file.is_file()
+
+    def check_new(self) -> None:
+        """Refuse to start a fresh run over a saved one (``--resume`` continues it)."""
+        if self.exists():
+            state = self._read_state()
+            raise CheckpointError(f"{self.dir} already holds a run ({state.get('method')}, round "
+                                  f"{state.get('round')} of {state.get('rounds')}): pass --resume to continue it, "
+                                  f"or choose another --state directory")
+
+    def save(self, state: ServerState, adapter: Adapter) -> None:
+        """Persist ``state`` and the global ``adapter`` atomically (see the module docstring)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        nxt = self.dir / NEXT_DIR
+        write_adapter(adapter, nxt, overwrite=True)
+        digest = _digest(nxt)
+        assert digest is not None, f"{nxt} was just written"
+        atomic_write_text(self.state_file, state.to_json(digest))
+        _swap(nxt, self.global_dir)
+
+    def load(self) -> tuple[ServerState, Adapter]:
+        """The saved state and global adapter; raises :class:`CheckpointError` if they do not agree."""
+        data = self._read_state()
+        digest = data.pop("global_sha256", None)
+        try:
+            state = ServerState(**data)
+        except TypeError as exc:
+            raise CheckpointError(f"{self.state_file} has unexpected fields: {exc}") from None
+        nxt = self.dir / NEXT_DIR
+        if _digest(self.global_dir) != digest:
+            if _digest(nxt) != digest:
+                raise CheckpointError(f"{self.dir}: neither {GLOBAL_DIR}/ nor {NEXT_DIR}/ matches the adapter "
+                                      f"recorded in {STATE_FILE}; the state directory is damaged")
+            _swap(nxt, self.global_dir)  # the previous save stopped between its last two steps
+        return state, read_adapter(self.global_dir)
+
+    def _read_state(self) -> dict[str, Any]:
+        if not self.exists():
+            raise CheckpointError(f"{self.dir} holds no {STATE_FILE} (nothing to resume)")
+        try:
+            data = json.loads(self.state_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{self.state_file} is not valid JSON: {exc}") from None
+        if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
+            raise CheckpointError(f"{self.state_file} is not a lorafleet server state (version {STATE_VERSION})")
+        return data
+
+
+def _digest(adapter_dir: Path) -> str | None:
+    weights = adapter_dir / WEIGHTS_FILE
+    if not weights.is_file():
+        return None
+    h = hashlib.sha256(weights.read_bytes())
+    h.update((adapter_dir / "adapter_config.json").read_bytes() if (adapter_dir / "adapter_config.json").is_file()
+             else b"")
+    return h.hexdigest()
+
+
+def _swap(new: Path, target: Path) -> None:
+    """Make ``new`` the directory ``target`` (two renames; ``load`` repairs a crash between them)."""
+    old = target.with_name(target.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(new, target)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,256 @@
+"""The lorafleet ServerApp: a Flower app whose strategy is :class:`server.strategy.LoraFleetStrategy`.
+
+Deployment (``lorafleet serve``, or ``flwr run`` against a running ``flower-superlink``) reads the settings
+from the run config (the keys of :data:`RUN_CONFIG_KEYS`, declared in ``lorafleet/flower_app/pyproject.toml``).
+Simulation passes them directly::
+
+    from flwr.simulation import run_simulation
+    from server.server_app import ServerConfig, make_server_app
+    from edge_client.flower_client import make_client_app
+    run_simulation(make_server_app(ServerConfig(package=..., method="flexlora", rounds=3, state_dir=...)),
+                   make_client_app(node_settings=...), num_supernodes=1000)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, fields
+from logging import INFO
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from flwr.serverapp import ServerApp
+
+from export.errors import ConfigError
+
+if TYPE_CHECKING:
+    from flwr.app import Context, Message
+    from flwr.serverapp import Grid
+
+    from export.adapter import Adapter
+    from export.package import Package
+    from server.checkpoint import ServerState
+    from server.strategy import LoraFleetStrategy
+
+# run-config key (as written in pyproject.toml and `flwr run -c`) -> ServerConfig field
+RUN_CONFIG_KEYS = {
+    "package": "package", "method": "method", "rounds": "rounds", "state-dir": "state_dir", "resume": "resume",
+    "min-clients": "min_clients", "min-valid": "min_valid", "fraction": "fraction", "round-timeout": "round_timeout",
+    "seed": "seed",
+    "local-steps": "local_steps", "lr": "lr", "batch-size": "batch_size", "self-prune": "self_prune",
+    "prune-gamma": "prune_gamma", "max-examples": "max_examples",
+}
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything the ServerApp needs. ``state_dir=""`` runs without checkpoints (simulation only)."""
+
+    package: str
+    method: str
+    rounds: int
+    state_dir: str = ""
+    resume: bool = False
+    min_clients: int = 2  # nodes to wait for before sampling (and the sample's minimum size)
+    min_valid: int = 0  # valid replies needed to update the global adapter (0: min_clients)
+    fraction: float = 1.0
+    round_timeout: float = 600.0
+    seed: int = 0
+    local_steps: int = 10
+    lr: float = 1e-3
+    batch_size: int = 0
+    self_prune: bool = True
+    prune_gamma: float = 0.99
+    max_examples: int = 10_000_000
+
+    def __post_init__(self) -> None:
+        from server.aggregation import METHODS
+
+        if not self.package:
+            raise ConfigError("package must be the path of an edge package, got ''")
+        if self.method not in METHODS:
+            raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.rounds < 1:
+            raise ConfigError(f"rounds must be at least 1, got {self.rounds}")
+        if self.min_clients < 1:
+            raise ConfigError(f"min_clients must be at least 1, got {self.min_clients}")
+        if self.min_valid < 0:
+            raise ConfigError(f"min_valid must be 0 (= min_clients) or positive, got {self.min_valid}")
+        if not (0 < self.fraction <= 1) or math.isnan(self.fraction):
+            raise ConfigError(f"fraction must be in (0, 1], got {self.fraction}")
+        if self.max_examples < 1:
+            raise ConfigError(f"max_examples must be at least 1, got {self.max_examples}")
+        self.train_settings()  # validates the training fields
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> ServerConfig:
+        """Build from a Flower run config (dash-separated keys; unknown keys are an error)."""
+        unknown = sorted(set(run_config) - set(RUN_CONFIG_KEYS))
+        if unknown:
+            raise ConfigError(f"unknown run-config keys {unknown} (known: {sorted(RUN_CONFIG_KEYS)})")
+        kinds = {f.name: f.type for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for key, value in run_config.items():
+            name = RUN_CONFIG_KEYS[key]
+            values[name] = _coerce(key, value, str(kinds[name]))
+        return cls(**values)
+
+    def to_run_config(self) -> dict[str, Any]:
+        return {key: getattr(self, name) for key, name in RUN_CONFIG_KEYS.items()}
+
+    def train_settings(self) -> Any:
+        from server.strategy import TrainSettings
+
+        return TrainSettings(local_steps=self.local_steps, lr=self.lr, batch_size=self.batch_size,
+                             self_prune=self.self_prune, prune_gamma=self.prune_gamma,
+                             round_timeout=self.round_timeout)
+
+
+def _coerce(key: str, value: Any, kind: str) -> Any:
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"run config {key} must be true or false, got {value!r}")
+        return value
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"run config {key} must be an integer, got {value!r}")
+        return value
+    if kind == "float":
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"run config {key} must be a number, got {value!r}")
+        return float(value)
+    if not isinstance(value, str):
+        raise ConfigError(f"run config {key} must be a string, got {value!r}")
+    return value
+
+
+def open_server_package(path: str | Path) -> Package:
+    """The package as the server needs it: manifest and initial adapters (program files are not read)."""
+    from export.package import open_package
+
+    return open_package(path, verify=False)
+
+
+def preflight(config: ServerConfig) -> None:
+    """Check what a deployed run needs before any process starts: a state directory, the package, and a
+    state directory that is new (or, with ``resume``, holds a run of the same method)."""
+    from server.checkpoint import Checkpoint, CheckpointError
+    from server.strategy import global_rank_for
+
+    if not config.state_dir:
+        raise ConfigError("a deployed server needs a state directory (--state)")
+    pkg = open_server_package(config.package)
+    pkg.initial_adapter(global_rank_for(config.method, pkg.ranks))
+    ckpt = Checkpoint(config.state_dir)
+    if not config.resume:
+        ckpt.check_new()
+    elif ckpt.exists():
+        state, _ = ckpt.load()
+        if state.method != config.method:
+            raise CheckpointError(f"{ckpt.dir} holds a {state.method} run; it cannot resume as {config.method}")
+
+
+def build_strategy(config: ServerConfig) -> tuple[LoraFleetStrategy, int]:
+    """The strategy for ``config`` (fresh, or resumed from its state directory) and the rounds left to run."""
+    from server.checkpoint import Checkpoint
+    from server.strategy import LoraFleetStrategy, global_rank_for
+    from server.validation import ReplyLimits
+
+    pkg = open_server_package(config.package)
+    m = pkg.manifest
+    checkpoint = Checkpoint(config.state_dir) if config.state_dir else None
+    state, adapter = _initial_state(config, pkg, checkpoint)
+    limits = ReplyLimits.from_adapter(pkg.initial_adapter(max(m.ranks)), tuple(m.ranks), m.lora_alpha,
+                                      use_rslora=m.use_rslora, max_examples=config.max_examples)
+    state.global_rank = global_rank_for(config.method, m.ranks)
+    strategy = LoraFleetStrategy(global_adapter=adapter, state=state, limits=limits,
+                                 settings=config.train_settings(), checkpoint=checkpoint,
+                                 min_clients=config.min_clients,
+                                 min_valid=config.min_valid or config.min_clients, fraction=config.fraction)
+    return strategy, max(config.rounds - state.round, 0)
+
+
+def _initial_state(config: ServerConfig, pkg: Package,
+                   checkpoint: Any) -> tuple[ServerState, Adapter]:
+    from flwr.supercore import log
+
+    from server.checkpoint import CheckpointError, ServerState
+    from server.strategy import global_rank_for
+
+    if checkpoint is not None and config.resume and checkpoint.exists():
+        state, adapter = checkpoint.load()
+        if state.method != config.method:
+            raise CheckpointError(f"{checkpoint.dir} holds a {state.method} run; it cannot resume as "
+                                  f"{config.method}")
+        state.rounds, state.finished = config.rounds, state.round >= config.rounds
+        log(INFO, "resuming %s from %s after round %d of %d", state.method, checkpoint.dir, state.round,
+            config.rounds)
+        return state, adapter
+    if checkpoint is not None and not config.resume:
+        checkpoint.check_new()
+    r = global_rank_for(config.method, pkg.ranks)
+    state = ServerState(method=config.method, rounds=config.rounds, package=str(Path(config.package).resolve()),
+                        global_rank=r, seed=config.seed, config=config.to_run_config())
+    adapter = pkg.initial_adapter(r)
+    if checkpoint is not None:
+        checkpoint.save(state, adapter)  # round 0: a crash before round 1 ends can be resumed too
+    return state, adapter
+
+
+def run_server(grid: Grid, config: ServerConfig) -> ServerState:
+    """Run ``config.rounds`` rounds (the rest of them, when resuming) on ``grid``; the final state."""
+    from flwr.app import ArrayRecord
+    from flwr.supercore import log
+
+    strategy, remaining = build_strategy(config)
+    if remaining:
+        strategy.start(grid=_prompt(grid), initial_arrays=ArrayRecord(), num_rounds=remaining,
+                       timeout=config.round_timeout)
+    log(INFO, "lorafleet: %s finished after round %d; global adapter in %s", config.method,
+        strategy.state.round, config.state_dir or "(memory only)")
+    return strategy.state
+
+
+class PromptGrid:
+    """A deployment Grid that looks for replies every ``interval`` seconds instead of Flower's 3 s, so a round
+    ends as soon as its last reply is in (the SuperLink answers each pull from memory; pulls are cheap)."""
+
+    def __init__(self, grid: Grid, interval: float = 0.5):
+        self._grid, self.interval = grid, interval
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        """As ``HttpGrid.send_and_receive``: push, then pull until every reply is in or ``timeout`` passes."""
+        pending = set(self._grid.push_messages(messages))
+        deadline = time.monotonic() + (timeout or 0.0)
+        replies: list[Message] = []
+        while True:
+            got = list(self._grid.pull_messages(pending))
+            replies.extend(got)
+            pending -= {m.metadata.reply_to_message_id for m in got}
+            if not pending or (timeout is not None and time.monotonic() >= deadline):
+                return replies
+            time.sleep(self.interval)
+
+
+def _prompt(grid: Grid) -> Grid:
+    """Flower's deployment grid polls every 3 s; wrap it (simulation's in-memory grid is left alone)."""
+    return PromptGrid(grid) if type(grid).__name__ == "HttpGrid" else grid  # type: ignore[return-value]
+
+
+def make_server_app(config: ServerConfig | None = None) -> ServerApp:
+    """A ServerApp running lorafleet; with ``config=None`` the settings come from the run config."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_server(grid, config or ServerConfig.from_run_config(context.run_config))
+
+    return server_app
+
+
+app = make_server_app()

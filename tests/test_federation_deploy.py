@@ -1,0 +1,216 @@
+"""A real federation on 127.0.0.1: Flower's SuperLink and SuperNodes as separate processes, the lorafleet app.
+
+* three devices with different profiles (so ranks 2, 4, 8), two rounds of each method, submitted with
+  Flower's own commands (``flower-superlink``, ``flwr run``) to ``lorafleet client`` devices;
+* ``lorafleet serve`` over TLS (a CA and a certificate made here) with the same three devices, five
+  misbehaving ones (one per fault) and a plaintext node, killed with SIGKILL during round 2 and restarted
+  with ``--resume``: the run completes; the final adapter equals the uninterrupted flexlora run above (same
+  devices, data, profiles and seeds; every bad reply dropped with its reason); the plaintext node never joins.
+
+Every process is started in its own process group and killed at teardown. Rounds cost seconds each in
+deployment (SuperNodes poll every 3 s, a fresh ClientApp process per message), so each federation runs once
+per module and several tests read it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from fed_bad_app import FAULTS, shadow_package
+from fed_helpers import (
+    Processes,
+    flower,
+    lorafleet,
+    make_tls,
+    process_env,
+    profile_for_rank,
+    read_state,
+    wait_for,
+    write_data,
+)
+
+from export.adapter import read_adapter
+from export.package import open_package
+from lorafleet.federation import APP_DIR, free_port
+
+pytestmark = pytest.mark.slow
+
+ROUND_TIMEOUT = 120.0
+RANKS = (2, 4, 8)
+# The settings every run here shares, so that runs can be compared.
+RUN = {"rounds": 2, "min-clients": 3, "round-timeout": ROUND_TIMEOUT, "local-steps": 3, "lr": 0.01, "seed": 7}
+TESTS_DIR = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory, tiny_package):
+    root = tmp_path_factory.mktemp("federation")
+    return SimpleNamespace(
+        root=root, package=Path(tiny_package),
+        profiles=[profile_for_rank(root / f"device-r{r}.toml", Path(tiny_package), r, ROUND_TIMEOUT) for r in RANKS],
+        data=[write_data(root / f"data-{i}.jsonl", 4 + 2 * i, i) for i in range(3)],
+        env=process_env(root / "cache"))
+
+
+def start_clients(procs: Processes, fleet, address: str, devices=range(3), ca: Path | None = None, tag: str = ""):
+    for i in devices:
+        tls = ["--root-certificates", str(ca)] if ca else []
+        procs.start(f"client{tag}-{i}", lorafleet("client", "--server", address, "--package", str(fleet.package),
+                                                   "--data", str(fleet.data[i]), "--profile", str(fleet.profiles[i]),
+                                                   *tls))
+
+
+def listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def same_adapter(a: Path, b: Path) -> bool:
+    sa, sb = read_adapter(a).state_dict(), read_adapter(b).state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+# --- three methods with Flower's own commands ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def flower_runs(fleet):
+    """flower-superlink + three `lorafleet client` devices; `flwr run` of the lorafleet app per method."""
+    import tomli_w
+
+    port = free_port()
+    home = fleet.root / "flwr-home"
+    home.mkdir()
+    (home / "config.toml").write_text(tomli_w.dumps(
+        {"superlink": {"default": "local", "local": {"address": f"127.0.0.1:{port}", "insecure": True}}}))
+    env = {"FLWR_HOME": str(home)}
+    procs = Processes(fleet.root / "logs-flower", fleet.env)
+    try:
+        procs.start("superlink", flower("flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(port),
+                                        "--database", str(fleet.root / "superlink.db"),
+                                        "--disable-runtime-dependency-installation"), env=env)
+        wait_for(lambda: listening(port), 60, "the SuperLink")
+        start_clients(procs, fleet, f"127.0.0.1:{port}")
+        runs = {}
+        for method in ("fedavg", "hetlora", "flexlora"):
+            state = fleet.root / f"state-{method}"
+            config = fleet.root / f"run-{method}.toml"
+            config.write_text(tomli_w.dumps({**RUN, "package": str(fleet.package), "method": method,
+                                             "state-dir": str(state)}))
+            out = subprocess.run(flower("flwr", "run", str(APP_DIR), "local", "--run-config", str(config), "--stream"),
+                                 env={**fleet.env, **env}, capture_output=True, text=True, timeout=400)
+            runs[method] = SimpleNamespace(state=state, output=out.stdout + out.stderr, rc=out.returncode)
+        yield runs
+    finally:
+        procs.stop_all()
+
+
+@pytest.mark.parametrize("method", ["fedavg", "hetlora", "flexlora"])
+def test_two_rounds_of_each_method_on_three_devices(fleet, flower_runs, method):
+    run = flower_runs[method]
+    state = read_state(run.state)
+    assert run.rc == 0 and state is not None, run.output[-3000:]
+    assert (state["method"], state["round"], state["rounds"], state["finished"]) == (method, 2, 2, True)
+    first, second = state["history"]
+    assert [first["round"], second["round"]] == [1, 2]
+    assert all(h["aggregated"] and len(h["valid"]) == 3 and not h["dropped"] for h in state["history"])
+    if method == "fedavg":  # one rank for all: the package's smallest
+        assert sorted(first["sent"].values()) == [2, 2, 2] and state["global_rank"] == 2
+    else:  # each device's profile decides its rank
+        assert sorted(first["sent"].values()) == list(RANKS) and state["global_rank"] == 8
+        assert all(second["sent"][n] <= first["sent"][n] for n in first["sent"])  # HetLoRA may prune
+    assert all(h["loss"] > 0 for h in state["history"])
+    final = read_adapter(run.state / "global")
+    assert final.r == state["global_rank"] and all(torch.isfinite(t).all() for t in final.state_dict().values())
+    initial = open_package(fleet.package, verify=False).initial_adapter(state["global_rank"])
+    assert not all(torch.equal(final.state_dict()[k], v) for k, v in initial.state_dict().items())
+
+
+# --- lorafleet serve over TLS: killed in round 2, resumed; misbehaving devices; a plaintext node -----------
+
+def serve_command(fleet, address: str, state: Path, tls: dict[str, Path], *extra: str) -> list[str]:
+    return lorafleet("serve", "--package", str(fleet.package), "--method", "flexlora", "--rounds", str(RUN["rounds"]),
+                     "--min-clients", str(3 + len(FAULTS)), "--min-valid", "3",
+                     "--round-timeout", str(RUN["round-timeout"]), "--local-steps", str(RUN["local-steps"]),
+                     "--lr", str(RUN["lr"]), "--seed", str(RUN["seed"]), "--address", address, "--state", str(state),
+                     "--ssl-certfile", str(tls["cert"]), "--ssl-keyfile", str(tls["key"]),
+                     "--ssl-ca-certfile", str(tls["ca"]), *extra)
+
+
+@pytest.fixture(scope="module")
+def serve_run(fleet):
+    """`lorafleet serve` over TLS (a CA and certificate made here) with the three devices above, one
+    misbehaving device per fault and a plaintext node; the server is SIGKILLed during round 2 and restarted
+    with --resume. Same devices, data, profiles and settings as the flexlora run of `flower_runs`."""
+    tls = make_tls(fleet.root / "tls")
+    port = free_port()
+    address, state = f"127.0.0.1:{port}", fleet.root / "state-serve"
+    procs = Processes(fleet.root / "logs-serve", fleet.env)
+    bad_path = os.pathsep.join([str(shadow_package(fleet.root / "bad-device")), str(TESTS_DIR),
+                                fleet.env["PYTHONPATH"]])
+    try:
+        server = procs.start("serve-1", serve_command(fleet, address, state, tls))
+        wait_for(lambda: listening(port), 60, "the TLS SuperLink of lorafleet serve")
+        start_clients(procs, fleet, address, ca=tls["ca"])
+        for fault in FAULTS:
+            procs.start(f"bad-{fault}", flower(
+                "flower-supernode", "--superlink", address, "--root-certificates", str(tls["ca"]),
+                "--node-config", f'fault="{fault}"', "--port", str(free_port())),
+                env={"PYTHONPATH": bad_path, "FLWR_HOME": str(fleet.root / f"home-bad-{fault}")})
+        plaintext = procs.start("plaintext", flower(
+            "flower-supernode", "--insecure", "--superlink", address, "--max-retries", "2",
+            "--node-config", 'fault="nan"', "--port", str(free_port())),
+            env={"PYTHONPATH": bad_path, "FLWR_HOME": str(fleet.root / "home-plaintext")})
+        wait_for(lambda: (read_state(state) or {}).get("round") == 1, 300, "round 1 to complete")
+        time.sleep(1.0)  # round 2's messages are out
+        os.kill(server.pid, signal.SIGKILL)
+        server.wait(10)
+        round_at_kill = read_state(state)["round"]
+        wait_for(lambda: not listening(port), 30, "the SuperLink to die with its parent")
+        resumed = procs.start("serve-2", serve_command(fleet, address, state, tls, "--resume"))
+        rc = resumed.wait(300)
+        yield SimpleNamespace(rc=rc, state=state, procs=procs, plaintext=plaintext, round_at_kill=round_at_kill)
+    finally:
+        procs.stop_all()
+
+
+def test_server_killed_in_round_2_resumes_to_the_uninterrupted_result(serve_run, flower_runs):
+    assert serve_run.round_at_kill == 1, "the kill must land during round 2"
+    assert serve_run.rc == 0, serve_run.procs.log("serve-2")[-3000:]
+    final = read_state(serve_run.state)
+    assert (final["round"], final["finished"]) == (2, True)
+    assert [h["round"] for h in final["history"]] == [1, 2]
+    assert "resuming flexlora" in serve_run.procs.log("serve-2")
+    # Same devices and seeds as the uninterrupted `flwr run` (misbehaving replies dropped): the same adapter.
+    assert same_adapter(serve_run.state / "global", flower_runs["flexlora"].state / "global")
+
+
+def test_tls_federation_refuses_a_plaintext_node(serve_run):
+    state = read_state(serve_run.state)
+    assert all(len(h["sent"]) == 3 + len(FAULTS) for h in state["history"])  # the plaintext node never joined
+    assert serve_run.plaintext.poll() not in (None, 0), serve_run.procs.log("plaintext")[-2000:]
+
+
+def test_misbehaving_devices_are_dropped_and_the_others_aggregated(serve_run):
+    state = read_state(serve_run.state)
+    expected = ["NaN or Inf", "is not the expected", "rank 8 differs from the rank 4", "unexpected",
+                "num-examples must be an integer in [1, "]
+    for entry in state["history"]:
+        assert entry["aggregated"] and len(entry["valid"]) == 3
+        reasons = sorted(entry["dropped"].values())
+        assert len(reasons) == len(FAULTS)
+        for pattern in expected:
+            assert sum(pattern in r for r in reasons) == 1, (pattern, reasons)
+    final = read_adapter(serve_run.state / "global")
+    assert all(torch.isfinite(t).all() for t in final.state_dict().values())
+    assert "dropped" in serve_run.procs.log("serve-1") + serve_run.procs.log("serve-2")
