@@ -60,7 +60,7 @@ def rank_histogram_figure(report: FleetReport) -> Figure:
     """How many devices train at each rank, stacked by device profile."""
     fig = _figure(6.4, 4.0)
     ax = fig.subplots()
-    ranks = sorted(set(report.device_ranks.values()))
+    ranks = sorted(set(report.device_ranks.values()), key=lambda r: r or 0)  # None (no rank fits) first
     x = range(len(ranks))
     by_profile = Counter((report.device_profiles.get(d, "devices"), r) for d, r in report.device_ranks.items())
     bottom = [0] * len(ranks)
@@ -70,7 +70,7 @@ def rank_histogram_figure(report: FleetReport) -> Figure:
         bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
     for i, total in enumerate(bottom):
         ax.annotate(str(total), (i, total), ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(list(x), [f"r={r}" for r in ranks])
+    ax.set_xticks(list(x), [f"r={r}" if r is not None else "none fits" for r in ranks])
     ax.set_xlabel("LoRA rank chosen for the device")
     ax.set_ylabel("devices")
     ax.legend(fontsize=8, title="profile" if report.device_profiles else None)

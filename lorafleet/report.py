@@ -37,21 +37,27 @@ class RoundRecord:
     round_time_s: float = 0.0
     device_times_s: dict[str, float] = field(default_factory=dict)
     rank_energy: dict[str, float] = field(default_factory=dict)
+    online: int = 0  # devices online this round (the rest were not sampled)
+    sampled: list[str] = field(default_factory=list)
+    drop_reasons: dict[str, str] = field(default_factory=dict)  # dropped device -> why
 
 
 @dataclass
 class FleetReport:
-    """A whole run: its configuration, each device's rank (and profile), and the rounds so far."""
+    """A whole run: its configuration, each device's rank (``None``: no packaged rank fits it) and profile,
+    how the ranks were chosen, and the rounds so far."""
 
     config: dict[str, Any]
-    device_ranks: dict[str, int]
+    device_ranks: dict[str, int | None]
     rounds: list[RoundRecord] = field(default_factory=list)
     device_profiles: dict[str, str] = field(default_factory=dict)
+    rank_choice: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        bad = {d: r for d, r in self.device_ranks.items() if not isinstance(r, int) or r <= 0}
+        bad = {d: r for d, r in self.device_ranks.items()
+               if r is not None and (not isinstance(r, int) or isinstance(r, bool) or r <= 0)}
         if bad:
-            raise ConfigError(f"device_ranks must be positive integers, got {bad}")
+            raise ConfigError(f"device_ranks must be positive integers or None, got {dict(list(bad.items())[:5])}")
         unknown = set(self.device_profiles) - set(self.device_ranks)
         if unknown:
             raise ConfigError(f"device_profiles names devices without a rank: {sorted(unknown)[:5]}")
@@ -76,7 +82,7 @@ class FleetReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"config": self.config, "device_ranks": self.device_ranks, "device_profiles": self.device_profiles,
-                "rounds": [asdict(r) for r in self.rounds]}
+                "rank_choice": self.rank_choice, "rounds": [asdict(r) for r in self.rounds]}
 
 
 def write_report(out_dir: str | Path, report: FleetReport) -> list[Path]:
@@ -102,7 +108,8 @@ def read_report(out_dir: str | Path) -> FleetReport:
         data = json.loads(path.read_text())
         rounds = [RoundRecord(**{**r, "metrics": {k: _num(v) for k, v in r["metrics"].items()}})
                   for r in data["rounds"]]
-        return FleetReport(data["config"], data["device_ranks"], rounds, data.get("device_profiles", {}))
+        return FleetReport(data["config"], data["device_ranks"], rounds, data.get("device_profiles", {}),
+                           data.get("rank_choice", {}))
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
         raise LorafleetError(f"cannot read fleet report {path}: {exc}") from exc
 
@@ -113,10 +120,11 @@ def metrics_csv(report: FleetReport) -> str:
     energy_keys = _energy_keys(report)
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["round", "participants", "dropped", "round_time_s", *metric_keys,
+    writer.writerow(["round", "online", "sampled", "participants", "dropped", "round_time_s", *metric_keys,
                      *(f"energy/{k}" for k in energy_keys)])
     for r in report.rounds:
-        writer.writerow([r.round, len(r.participants), len(r.dropped), f"{r.round_time_s:.6g}",
+        writer.writerow([r.round, r.online, len(r.sampled), len(r.participants), len(r.dropped),
+                         f"{r.round_time_s:.6g}",
                          *(_cell(r.metrics.get(k)) for k in metric_keys),
                          *(_cell(r.rank_energy.get(k)) for k in energy_keys)])
     return buf.getvalue()
@@ -129,10 +137,15 @@ def summary_markdown(report: FleetReport) -> str:
     lines = [f"# Fleet report: {cfg.get('method', '?')} on {cfg.get('model', '?')}", ""]
     lines += [f"- {k}: `{v}`" for k, v in cfg.items() if not isinstance(v, dict | list)]
     lines += ["", f"## Fleet: {len(report.device_ranks)} devices", "", "| rank | devices |", "|---:|---:|"]
-    lines += [f"| {r} | {n} |" for r, n in sorted(ranks.items())]
+    lines += [f"| {r if r is not None else 'none fits'} | {n} |"
+              for r, n in sorted(ranks.items(), key=lambda kv: kv[0] or 0)]
     if report.device_profiles:
-        lines += ["", "| profile | devices |", "|---|---:|"]
-        lines += [f"| {p} | {n} |" for p, n in sorted(Counter(report.device_profiles.values()).items())]
+        chosen = report.rank_choice.get("profiles", {})
+        lines += ["", "| profile | devices | rank | why |", "|---|---:|---:|---|"]
+        for p, n in sorted(Counter(report.device_profiles.values()).items()):
+            c = chosen.get(p, {})
+            rank = c.get("selected_rank", "?")
+            lines.append(f"| {p} | {n} | {rank if rank is not None else 'none'} | {(c.get('reasons') or [''])[-1]} |")
     lines += ["", "## Rounds", "", *_rounds_table(report), "", *_change_lines(report)]
     lines += ["", "## Plots", ""] + [f"![{k}]({name})" for k, name in PLOTS.items()]
     return "\n".join(lines) + "\n"
@@ -145,11 +158,11 @@ SHOWN = ("heldout/rouge_l", "seen/rouge_l", "heldout/exact_match", "seen/exact_m
 
 def _rounds_table(report: FleetReport) -> list[str]:
     shown = [k for k in SHOWN if any(k in r.metrics for r in report.rounds)]
-    head = ["round", *shown, "participants", "dropped", "round time (s)"]
+    head = ["round", *shown, "online", "sampled", "participants", "dropped", "round time (s)"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
     for r in report.rounds:
-        cells = [str(r.round), *(_fmt(r.metrics.get(k)) for k in shown), str(len(r.participants)),
-                 str(len(r.dropped)), f"{r.round_time_s:.1f}"]
+        cells = [str(r.round), *(_fmt(r.metrics.get(k)) for k in shown), str(r.online), str(len(r.sampled)),
+                 str(len(r.participants)), str(len(r.dropped)), f"{r.round_time_s:.1f}"]
         rows.append("| " + " | ".join(cells) + " |")
     return rows
 

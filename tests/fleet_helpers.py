@@ -30,3 +30,19 @@ def random_adapter(loaded: LoadedModel, r: int, *, seed: int = 0, std: float = 0
             modules[name] = LoraPair(torch.randn(r, inp, generator=gen) * std,
                                      torch.randn(out, r, generator=gen) * std, scaling_for(r, lora_alpha))
     return Adapter(modules, peft_config(list(targets), r, lora_alpha))
+
+
+PROFILE_DEFAULTS = {"memory_total_gib": 8.0, "app_memory_gib": 4.0, "cpu_cores": 4, "sustained_gflops": 100.0,
+                    "memory_bandwidth_gbs": 20.0, "network_up_mbps": 100.0, "network_down_mbps": 100.0,
+                    "availability": 1.0}
+
+
+def write_profile(directory, name: str, **figures) -> None:
+    """A valid device profile ``directory/name.toml`` (every figure sourced "[U] test"), with ``figures``
+    overriding :data:`PROFILE_DEFAULTS`."""
+    values = {**PROFILE_DEFAULTS, **figures}
+    lines = [f'name = "{name}"', 'kind = "host"', *(f"{k} = {v}" for k, v in values.items()),
+             'runtimes = ["onnxruntime", "torch"]', "", "[sources]",
+             *(f'{k} = "[U] test figure"' for k in values)]
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / f"{name}.toml").write_text("\n".join(lines) + "\n")

@@ -26,7 +26,8 @@ def _report(rounds: int = 2) -> FleetReport:
     for r in range(1, rounds + 1):
         times = {"d0": 1.0 * r, "d1": 2.5, "d2": 7.0}
         rep.add_round(RoundRecord(r, {"seen/rouge_l": 0.1 + r / 10, "heldout/rouge_l": 0.2, "seen/loss": 3.0 - r},
-                                  ["d0", "d1"], ["d2"], 5.0, times, {"1-4": 0.7, "5-8": 0.2, "9-16": 0.1}))
+                                  ["d0", "d1"], ["d2"], 5.0, times, {"1-4": 0.7, "5-8": 0.2, "9-16": 0.1},
+                                  online=7, sampled=["d0", "d1", "d2"], drop_reasons={"d2": "straggler"}))
     return rep
 
 
@@ -54,6 +55,7 @@ def test_metrics_json_has_the_documented_fields(tmp_path):
     one = data["rounds"][1]
     assert one["participants"] == ["d0", "d1"] and one["dropped"] == ["d2"] and one["round_time_s"] == 5.0
     assert data["device_ranks"]["d2"] == 16 and data["config"]["method"] == "flexlora"
+    assert one["drop_reasons"] == {"d2": "straggler"} and one["online"] == 7
 
 
 def test_metrics_csv_has_one_row_per_round(tmp_path):
@@ -62,6 +64,7 @@ def test_metrics_csv_has_one_row_per_round(tmp_path):
     assert [r["round"] for r in rows] == ["0", "1", "2", "3"]
     assert rows[0]["seen/loss"] == "" and rows[3]["seen/loss"] == "0"
     assert rows[2]["participants"] == "2" and rows[2]["dropped"] == "1"
+    assert rows[2]["online"] == "7" and rows[2]["sampled"] == "3"
     assert rows[1]["energy/1-4"] == "0.7" and rows[0]["energy/9-16"] == ""
 
 
@@ -69,8 +72,8 @@ def test_summary_shows_rounds_fleet_change_and_plots(tmp_path):
     write_report(tmp_path, _report())
     text = (tmp_path / "summary.md").read_text()
     assert "| 4 | 3 |" in text and "| phone | 5 |" in text
-    assert "| 0 | 0.2000 | 0.1000 | – | 0 | 0 | 0.0 |" in text  # NaN shown as a dash
-    assert "| 2 | 0.2000 | 0.3000 | 1.0000 | 2 | 1 | 5.0 |" in text
+    assert "| 0 | 0.2000 | 0.1000 | – | 0 | 0 | 0 | 0 | 0.0 |" in text  # NaN shown as a dash
+    assert "| 2 | 0.2000 | 0.3000 | 1.0000 | 7 | 3 | 2 | 1 | 5.0 |" in text
     assert "seen/rouge_l: 0.1000 → 0.3000 (+0.2000)" in text
     for name in PLOTS.values():
         assert f"({name})" in text and (tmp_path / name).is_file()
@@ -79,6 +82,15 @@ def test_summary_shows_rounds_fleet_change_and_plots(tmp_path):
 def test_report_without_rounds_still_renders(tmp_path):
     write_report(tmp_path, FleetReport({}, {"a": 2}))
     assert (tmp_path / "round_times.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_devices_without_a_rank_are_reported_as_such(tmp_path):
+    rep = FleetReport({}, {"a": 2, "b": None}, [], {"a": "board", "b": "phone"},
+                      {"profiles": {"phone": {"selected_rank": None, "reasons": ["no packaged rank fits"]}}})
+    write_report(tmp_path, rep)
+    text = (tmp_path / "summary.md").read_text()
+    assert "| none fits | 1 |" in text and "| phone | 1 | none | no packaged rank fits |" in text
+    assert read_report(tmp_path).device_ranks == {"a": 2, "b": None}
 
 
 def test_report_validation_names_the_problem():
@@ -91,7 +103,7 @@ def test_report_validation_names_the_problem():
         rep.add_round(RoundRecord(1, {}, ["d0"], ["d0"]))
     with pytest.raises(ConfigError, match="round_time_s must be >= 0, got -1"):
         rep.add_round(RoundRecord(1, {}, round_time_s=-1))
-    with pytest.raises(ConfigError, match="device_ranks must be positive integers"):
+    with pytest.raises(ConfigError, match="device_ranks must be positive integers or None"):
         FleetReport({}, {"a": 0})
     with pytest.raises(ConfigError, match="device_profiles names devices without a rank"):
         FleetReport({}, {"a": 1}, [], {"b": "phone"})
