@@ -91,7 +91,7 @@ def applied(model: Any, adapter: Adapter | None) -> Iterator[Any]:
             for name, pair in adapter.modules.items():
                 weight = _target_weight(model, name, pair.shape)
                 saved[name] = weight.detach().clone()
-                weight.add_(pair.delta().to(weight.dtype))  # (out, in)
+                weight.add_(pair.delta().to(device=weight.device, dtype=weight.dtype))  # (out, in)
         yield model
     finally:
         with torch.no_grad():
@@ -151,8 +151,8 @@ def generate_ids(model: Any, tokenizer: Any, examples: Sequence[Example], *, max
         prompts = [list(tokenizer(prompt_text(tokenizer, ex), add_special_tokens=False)["input_ids"])
                    for ex in batch]
         width = max(map(len, prompts))
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])  # (B, T), left-padded
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=model.device)  # (B, T), left-padded
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
         with torch.inference_mode():
             out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=pad, eos_token_id=eos)
@@ -174,8 +174,8 @@ def response_nll(model: Any, tokenizer: Any, examples: Sequence[Example], *, seq
         # never see the padding after it, so no attention mask is needed; columns after the last response
         # token of the batch are dropped (exact, and cheaper)
         encoded = [encode_example(tokenizer, ex, seq_len) for ex in batch]
-        ids = torch.tensor([e[0] for e in encoded])  # (B, seq_len)
-        labels = torch.tensor([e[1] for e in encoded])  # (B, seq_len)
+        ids = torch.tensor([e[0] for e in encoded], device=model.device)  # (B, seq_len)
+        labels = torch.tensor([e[1] for e in encoded], device=model.device)  # (B, seq_len)
         scored = (labels != IGNORE_INDEX).any(dim=0).nonzero()
         width = int(scored.max()) + 1 if len(scored) else 1
         ids, labels = ids[:, :width], labels[:, :width]

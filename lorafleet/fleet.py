@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from edge_client.rank_choice import Budgets
     from export.package import Package
     from lorafleet.fleet_plan import FleetPlan, HostProfile
+    from lorafleet.fleet_server import Evaluator
     from lorafleet.report import FleetReport
 
 DATA_DIR, GLOBAL_DIR = "data", "global"
@@ -58,16 +59,51 @@ class FleetResult:
     global_rank: int
 
 
-def run_fleet(cfg: FleetConfig, *, progress: FleetProgress | None = None,
-              host: HostProfile | None = None) -> FleetResult:
-    """Run the fleet ``cfg`` describes; the report and ``global/`` end up in ``cfg.out``."""
-    from export.package import open_package
-    from lorafleet.fleet_package import fleet_package
-    from lorafleet.fleet_plan import load_mix, plan_fleet, profile_host
+def run_fleet(cfg: FleetConfig, *, progress: FleetProgress | None = None, host: HostProfile | None = None,
+              evaluator: Evaluator | None = None) -> FleetResult:
+    """Run the fleet ``cfg`` describes; the report and ``global/`` end up in ``cfg.out``.
+
+    ``host`` (this machine's profile) and ``evaluator`` (the base model with the evaluation splits) may be
+    passed in by a caller running several fleets on the same package and data (``bench/quality.py``)."""
+    from lorafleet.fleet_client import device_data_path
+    from lorafleet.fleet_data import write_device_data
+    from lorafleet.fleet_plan import load_mix, plan_fleet
 
     progress = progress or FleetProgress()
     _check_out(cfg.out)
     profiles = load_mix(cfg.profiles_dir, cfg.mix)
+    prep = prepare(cfg, progress, host)
+    plan = plan_fleet(prep.host, profiles, cfg.mix, cfg.devices, prep.budgets, cfg.seed)
+    if not any(d.rank for d in plan.devices):
+        raise ConfigError(f"no device of the fleet fits any packaged rank of {cfg.model} (ranks "
+                          f"{list(cfg.ranks)}): {plan.devices[0].unable_reason}")
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    write_device_data(prep.data.devices, cfg.out / DATA_DIR, device_data_path)
+    report = _new_report(cfg, plan, prep)
+    server = _simulate(cfg, prep, plan, report, progress, evaluator)
+    global_rank = _write_global(cfg, server, plan)
+    return FleetResult(cfg.out, report, plan, prep.package.path, global_rank)
+
+
+@dataclass
+class Prepared:
+    """What a fleet needs before its devices exist: data, the package, this machine's profile, budgets."""
+
+    data: FleetData
+    package: Package
+    host: HostProfile
+    budgets: Budgets
+    workers: int
+    threads: int
+
+
+def prepare(cfg: FleetConfig, progress: FleetProgress | None = None, host: HostProfile | None = None) -> Prepared:
+    """Device data, the package (exported once, cached) and this machine's profile (unless ``host`` is given)."""
+    from export.package import open_package
+    from lorafleet.fleet_package import fleet_package
+    from lorafleet.fleet_plan import profile_host
+
+    progress = progress or FleetProgress()
     progress.stage("generating device data")
     data = fleet_data(cfg)
     seq_len = cfg.seq_len or _fitting_seq_len(cfg.model, data.sizing)
@@ -81,19 +117,7 @@ def run_fleet(cfg: FleetConfig, *, progress: FleetProgress | None = None,
         progress.stage(f"profiling this machine ({cfg.backend}, ranks {min(cfg.ranks)} and {max(cfg.ranks)})")
         with _threads(threads):
             host = profile_host(pkg, cfg.backend, budgets)
-    plan = plan_fleet(host, profiles, cfg.mix, cfg.devices, budgets, cfg.seed)
-    if not any(d.rank for d in plan.devices):
-        raise ConfigError(f"no device of the fleet fits any packaged rank of {cfg.model} (ranks "
-                          f"{list(cfg.ranks)}): {plan.devices[0].unable_reason}")
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    from lorafleet.fleet_client import device_data_path
-    from lorafleet.fleet_data import write_device_data
-
-    write_device_data(data.devices, cfg.out / DATA_DIR, device_data_path)
-    report = _new_report(cfg, plan, budgets, pkg, workers, threads)
-    server = _simulate(cfg, pkg, plan, data, report, progress, workers, threads)
-    global_rank = _write_global(cfg, server, plan)
-    return FleetResult(cfg.out, report, plan, pkg_path, global_rank)
+    return Prepared(data, pkg, host, budgets, workers, threads)
 
 
 def fleet_data(cfg: FleetConfig) -> FleetData:
@@ -113,6 +137,15 @@ def fleet_data(cfg: FleetConfig) -> FleetData:
         raise ConfigError(f"{cfg.data} needs at least two examples (one is held back for evaluation)")
     devices = split_examples(train, cfg.devices, seed=cfg.seed)
     return FleetData(devices, {"seen": {"jsonl": held}, "heldout": evals["heldout"]}, sizing + train + held)
+
+
+def make_evaluator(cfg: FleetConfig, data: FleetData, seq_len: int) -> Evaluator:
+    """The base model in memory with the fleet's evaluation splits (held-out and seen families)."""
+    from lorafleet.evaluate import EvalConfig
+    from lorafleet.fleet_server import Evaluator
+
+    return Evaluator(cfg.model, data.eval_splits, EvalConfig(
+        per_family=cfg.eval_per_family, max_new_tokens=cfg.eval_max_new_tokens, seq_len=seq_len))
 
 
 def fleet_budgets(cfg: FleetConfig) -> Budgets:
@@ -163,44 +196,44 @@ def _threads(n: int) -> Iterator[None]:
             os.environ["OMP_NUM_THREADS"] = saved
 
 
-def _new_report(cfg: FleetConfig, plan: FleetPlan, budgets: Budgets, pkg: Package, workers: int,
-                threads: int) -> FleetReport:
+def _new_report(cfg: FleetConfig, plan: FleetPlan, prep: Prepared) -> FleetReport:
     from lorafleet.report import FleetReport
 
-    config: dict[str, Any] = {**cfg.to_json(), "package": str(pkg.path), "seq_len": pkg.manifest.seq_len,
-                              "simulation_workers": workers, "threads_per_worker": threads}
+    config: dict[str, Any] = {**cfg.to_json(), "package": str(prep.package.path),
+                              "seq_len": prep.package.manifest.seq_len, "simulation_workers": prep.workers,
+                              "threads_per_worker": prep.threads}
     ranks = {str(d): dev.rank for d, dev in enumerate(plan.devices)}
     profiles = {str(d): dev.profile for d, dev in enumerate(plan.devices)}
-    return FleetReport(config, ranks, [], profiles, plan.rank_choice_json(budgets))
+    return FleetReport(config, ranks, [], profiles, plan.rank_choice_json(prep.budgets))
 
 
-def _simulate(cfg: FleetConfig, pkg: Package, plan: FleetPlan, data: FleetData, report: FleetReport,
-              progress: FleetProgress, workers: int, threads: int) -> Any:
+def _simulate(cfg: FleetConfig, prep: Prepared, plan: FleetPlan, report: FleetReport, progress: FleetProgress,
+              evaluator: Evaluator | None) -> Any:
     from flwr.simulation import run_simulation
 
-    from lorafleet.evaluate import EvalConfig
     from lorafleet.fleet_client import ClientPlan, make_fleet_client_app
-    from lorafleet.fleet_server import ROUND_TIMEOUT, Evaluator, FleetServer, make_fleet_server_app
+    from lorafleet.fleet_server import ROUND_TIMEOUT, FleetServer, make_fleet_server_app
     from lorafleet.fleet_strategy import Emulation
     from server.server_app import ServerConfig
 
-    progress.stage(f"loading {cfg.model} for evaluation")
-    evaluator = Evaluator(cfg.model, data.eval_splits, EvalConfig(
-        per_family=cfg.eval_per_family, max_new_tokens=cfg.eval_max_new_tokens, seq_len=pkg.manifest.seq_len))
+    pkg = prep.package
+    if evaluator is None:
+        progress.stage(f"loading {cfg.model} for evaluation")
+        evaluator = make_evaluator(cfg, prep.data, pkg.manifest.seq_len)
     server_config = ServerConfig(package=str(pkg.path), method=cfg.method, rounds=cfg.rounds, min_clients=1,
                                  min_valid=1, fraction=1.0, round_timeout=ROUND_TIMEOUT, seed=cfg.seed,
                                  local_steps=cfg.local_steps, lr=cfg.lr)
     adapter_bytes = {r: 4 * pkg.manifest.rank(r).trainable_parameters for r in pkg.ranks}
     emulation = Emulation(plan.devices, cfg.fraction, cfg.round_deadline, cfg.seed, adapter_bytes, cfg.fedavg_rank)
-    server = FleetServer(server_config, emulation, evaluator, report, cfg.out, progress)
+    server = FleetServer(server_config, emulation, evaluator, report, cfg.out, progress, cfg.eval_every)
     client = ClientPlan(str(pkg.path), str(cfg.out / DATA_DIR), tuple(d.rank or 0 for d in plan.devices),
-                        cfg.backend, threads)
+                        cfg.backend, prep.threads)
     backend_config: Any = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                           "init_args": {"num_cpus": workers, "num_gpus": 0, "include_dashboard": False,
+                           "init_args": {"num_cpus": prep.workers, "num_gpus": 0, "include_dashboard": False,
                                          "logging_level": "ERROR", "log_to_driver": False,
                                          "object_store_memory": 512 * 2**20}}
     progress.stage("starting the simulation engine")
-    with _quiet_flower(), _worker_env(threads):
+    with _quiet_flower(), _worker_env(prep.threads):
         run_simulation(make_fleet_server_app(server), make_fleet_client_app(client), num_supernodes=cfg.devices,
                        backend_config=backend_config)
     if server.strategy is None or len(report.rounds) != cfg.rounds + 1:

@@ -67,6 +67,7 @@ class FleetConfig:
     dirichlet_alpha: float = 0.5  # built-in data: family mixture per device (small: few families each)
     eval_per_family: int = 2
     eval_max_new_tokens: int = 16
+    eval_every: int = 1  # evaluate the baseline, the last round and every k-th round (0: those two only)
     backend: str = "torch"  # see lorafleet.fleet: why not the package's ONNX Runtime programs by default
     memory_fraction: float = 0.9
     workers: int = 0  # simulation workers (Ray actors); 0: one per usable CPU
@@ -101,6 +102,8 @@ class FleetConfig:
             raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if not (0 < self.memory_fraction <= 1):
             raise ConfigError(f"memory_fraction must be in (0, 1], got {self.memory_fraction}")
+        if not isinstance(self.eval_every, int) or self.eval_every < 0:
+            raise ConfigError(f"eval_every must be 0 (baseline and last round) or positive, got {self.eval_every}")
         if self.workers < 0:
             raise ConfigError(f"workers must be 0 (one per CPU) or positive, got {self.workers}")
         if self.fedavg_rank not in FEDAVG_RANKS:

@@ -104,8 +104,9 @@ def profile_host(pkg: Package, backend: str, budgets: Budgets, *, steps: int = 3
     from edge_client.profiler import profile_device
 
     tokens = pkg.manifest.batch_size * pkg.manifest.seq_len
+    # samples of ≥ 0.2 s, like a training step, so that a shared host's contention weighs on both alike
     host = measure_device(tuple((tokens, i, o) for o, i in pkg.manifest.model.module_shapes.values()),
-                          min_seconds=0.3)
+                          min_seconds=1.0)
     return HostProfile(profile_device(host, pkg, backend, budgets, steps=steps), backend)
 
 

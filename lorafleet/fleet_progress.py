@@ -18,7 +18,7 @@ class RichProgress(FleetProgress):
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-        self.console = console or Console()
+        self.console = console or Console(soft_wrap=True)
         self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                                  MofNCompleteColumn(), TimeElapsedColumn(), console=self.console, transient=False)
         self.rounds = self.progress.add_task("rounds", total=rounds)

@@ -48,12 +48,23 @@ class Evaluator:
 
         self.loaded = load_model(model_spec)
         self.splits, self.config = splits, config
+        self._baseline: dict[str, float] | None = None  # the untrained model's scores, kept for later runs
 
     def __call__(self, adapter: Adapter | None) -> dict[str, float]:
         from lorafleet.evaluate import evaluate_splits, flat_metrics
 
-        return flat_metrics(evaluate_splits(self.loaded.model, self.loaded.tokenizer, self.splits, adapter=adapter,
-                                            config=self.config))
+        if adapter is None and self._baseline is not None:
+            return dict(self._baseline)
+        metrics = flat_metrics(evaluate_splits(self.loaded.model, self.loaded.tokenizer, self.splits,
+                                               adapter=adapter, config=self.config))
+        if adapter is None:
+            self._baseline = dict(metrics)
+        return metrics
+
+
+def evaluated(rnd: int, rounds: int, every: int) -> bool:
+    """Whether round ``rnd`` is evaluated: the baseline, the last round, and every ``every``-th (0: none)."""
+    return rnd in (0, rounds) or (every > 0 and rnd % every == 0)
 
 
 @dataclass
@@ -66,6 +77,7 @@ class FleetServer:
     report: FleetReport
     out: Path
     progress: FleetProgress
+    eval_every: int = 1
     strategy: FleetStrategy | None = None
 
     def run(self, grid: Grid) -> None:
@@ -84,9 +96,11 @@ class FleetServer:
         from lorafleet.rank_energy import rank_segments, segment_energy
 
         assert self.strategy is not None
-        started = time.perf_counter()
-        metrics = self.evaluator(self.strategy.global_adapter if rnd else None)
-        metrics["eval_seconds"] = time.perf_counter() - started
+        metrics: dict[str, float] = {}
+        if evaluated(rnd, self.config.rounds, self.eval_every):
+            started = time.perf_counter()
+            metrics = self.evaluator(self.strategy.global_adapter if rnd else None)
+            metrics["eval_seconds"] = time.perf_counter() - started
         record = RoundRecord(round=rnd, metrics=metrics)
         if rnd:
             out = self.strategy.outcomes[-1]

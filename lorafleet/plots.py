@@ -6,6 +6,7 @@ atomically as PNG.
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from collections import Counter
@@ -40,12 +41,12 @@ def metrics_figure(report: FleetReport) -> Figure:
     """Rouge-L, exact match and loss of the global adapter per round, held-out and seen (round 0 = baseline)."""
     fig = _figure(12.5, 3.8)
     axes = fig.subplots(1, len(PANELS))
-    rounds = [r.round for r in report.rounds]
     for ax, (metric, label) in zip(axes, PANELS, strict=True):
         for split, (name, color, marker) in SPLIT_STYLE.items():
-            ys = [r.metrics.get(f"{split}/{metric}", float("nan")) for r in report.rounds]
-            if any(y == y for y in ys):  # not all NaN
-                ax.plot(rounds, ys, marker=marker, color=color, label=name)
+            key = f"{split}/{metric}"
+            points = [(r.round, r.metrics[key]) for r in report.rounds if not math.isnan(r.metrics.get(key, math.nan))]
+            if points:  # rounds that were evaluated (and not NaN)
+                ax.plot(*zip(*points, strict=True), marker=marker, color=color, label=name)
         ax.set_title(label)
         ax.set_xlabel("round (0 = untrained)")
         _integer_ticks(ax)

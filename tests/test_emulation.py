@@ -110,3 +110,11 @@ def test_stragglers_are_those_past_the_deadline_and_the_round_waits_for_it():
     assert round_duration([4.0, 9.0], 10.0, any_late=False) == 9.0
     assert round_duration([4.0, 12.0], None, any_late=False) == 12.0
     assert round_duration([], 10.0, any_late=False) == 0.0
+
+
+def test_which_rounds_are_evaluated():
+    from lorafleet.fleet_server import evaluated
+
+    assert [r for r in range(7) if evaluated(r, 6, 1)] == list(range(7))
+    assert [r for r in range(7) if evaluated(r, 6, 4)] == [0, 4, 6]
+    assert [r for r in range(7) if evaluated(r, 6, 0)] == [0, 6]
