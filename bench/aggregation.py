@@ -1,6 +1,6 @@
 """FlexLoRA aggregation: lorafleet's factored path against the dense reference, on SmolLM2-1.7B shapes.
 
-    PYTHONPATH=. .venv/bin/python bench/aggregation.py [--clients 10,100] [--layers 24] [--dense-layers 2]
+    PYTHONPATH=. .venv/bin/python bench/aggregation.py --threads 1 [--clients 10,100] [--layers 24] [--dense-layers 2]
 
 For each fleet size, client adapters (ranks drawn from {4, 8, 16, 32, 64}, lora_alpha from {8, 16, 32},
 weights n_k from 50..500) are written as real PEFT directories (float32 safetensors, all 7 projections of
@@ -16,9 +16,11 @@ every layer), then each variant runs in its own process, reading the clients laz
 * ``read``     — reading every client's tensors and nothing else (the I/O floor both variants include).
 
 Errors: both variants' rank-R results against a float64 oracle (W in float64, full float64 SVD), on the
-dense layers. Peak memory: the child process's peak RSS (``ru_maxrss``), and that minus its RSS after
-imports. Synthetic clients share a decaying low-rank structure plus client noise, so the top-R subspace is
-well defined (as for real fine-tuning updates); the timings do not depend on the values.
+dense layers. Peak memory: the child process's peak RSS (``VmHWM``), and that minus its RSS after
+imports. Time: wall seconds and the child's CPU seconds; with ``--threads 1`` CPU time is what the work
+costs on one core even when other processes share the machine, so ratios are taken on it. Synthetic
+clients share a decaying low-rank structure plus client noise, so the top-R subspace is well defined (as
+for real fine-tuning updates); the timings do not depend on the values.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -123,17 +125,17 @@ def read_only(dirs: list[str], layers: int) -> None:
 
 
 def oracle_errors(dirs: list[str], weights: list[float], layers: int, outputs: dict[str, str]) -> dict[str, float]:
-    """Max over modules of ‖ΔW_variant − T_R(W)‖_F / ‖T_R(W)‖_F, with T_R(W) from a float64 full SVD."""
+    """Max over modules of ‖ΔW_variant − T_R(W)‖_F / ‖T_R(W)‖_F, with T_R(W) from a float64 full SVD
+    (numpy's LAPACK, a different implementation from both variants')."""
     clients = open_clients(dirs)
     results = {k: read_adapter(v) for k, v in outputs.items()}
     total = sum(weights)
     errors = dict.fromkeys(outputs, 0.0)
     for name in module_names(range(layers)):
         pairs = [c.pair(name) for c in clients]
-        w = torch.zeros(pairs[0].shape, dtype=torch.float64)
-        for wk, p in zip(weights, pairs, strict=True):
-            w += (wk / total) * p.scaling * (p.lora_B.double() @ p.lora_A.double())
-        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        w = (torch.cat([(wk / total) * p.scaling * p.lora_B.double() for wk, p in zip(weights, pairs, strict=True)], 1)
+             @ torch.cat([p.lora_A.double() for p in pairs], 0))  # Σ w_k s_k B_k A_k in float64, one GEMM
+        u, s, vh = (torch.from_numpy(x) for x in np.linalg.svd(w.numpy(), full_matrices=False))  # LAPACK gesdd
         r = max(p.r for p in pairs)
         ref = (u[:, :r] * s[:r]) @ vh[:r]
         for key, res in results.items():
@@ -143,12 +145,19 @@ def oracle_errors(dirs: list[str], weights: list[float], layers: int, outputs: d
     return errors
 
 
-def child(spec: dict[str, Any]) -> dict[str, Any]:
-    import psutil
+def _rss_kib(field: str) -> int:
+    """``VmRSS`` / ``VmHWM`` (peak) of this process: per address space, so not inherited through fork+exec
+    the way ``ru_maxrss`` is."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
 
-    base_rss = psutil.Process().memory_info().rss
+
+def child(spec: dict[str, Any]) -> dict[str, Any]:
+    base_rss = _rss_kib("VmRSS")
     dirs, weights, layers = spec["dirs"], spec["weights"], spec.get("layers")
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     if spec["variant"] == "oracle":
         return {"errors": oracle_errors(dirs, weights, layers, spec["outputs"])}
     if spec["variant"] == "read":
@@ -158,17 +167,20 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         result = dense(dirs, weights, layers)
     else:
         result = factored(dirs, weights, layers)
-    seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    peak = _rss_kib("VmHWM")
     if result is not None and spec.get("save"):
         write_adapter(result, spec["save"], overwrite=True)
-    return {"seconds": round(seconds, 3), "peak_rss_mib": round(peak / 2**20),
-            "peak_above_start_mib": round((peak - base_rss) / 2**20)}
+    return {"seconds": round(seconds, 3), "cpu_seconds": round(cpu, 3), "peak_rss_mib": round(peak / 1024),
+            "peak_above_start_mib": round((peak - base_rss) / 1024)}
 
 
-def run_child(spec: dict[str, Any]) -> dict[str, Any]:
+def run_child(spec: dict[str, Any], threads: int | None) -> dict[str, Any]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    if threads:  # before the child imports torch / numpy: MKL, OpenMP and OpenBLAS read these at start-up
+        env.update({k: str(threads) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")})
     proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+                          env=env)
     if proc.returncode != 0:
         raise SystemExit(f"child {spec['variant']} failed:\n{proc.stderr[-3000:]}")
     result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -184,22 +196,24 @@ def bench_fleet(root: Path, n: int, args: argparse.Namespace) -> dict[str, Any]:
     ranks = [read_adapter_rank(d) for d in dirs]
     print(f"{n} clients: ranks sum {sum(ranks)}, written in {time.perf_counter() - t0:.0f} s", flush=True)
     common = {"dirs": dirs, "weights": weights}
-    sub = args.dense_layers
-    dense_sub = run_child({**common, "variant": "dense", "layers": sub, "save": str(root / f"dense{n}")})
-    fact_sub = run_child({**common, "variant": "factored", "layers": sub, "save": str(root / f"fact{n}")})
-    fact_all = run_child({**common, "variant": "factored", "layers": None})
-    read_all = run_child({**common, "variant": "read", "layers": args.layers})
+    sub, th = args.dense_layers, args.threads
+    dense_sub = run_child({**common, "variant": "dense", "layers": sub, "save": str(root / f"dense{n}")}, th)
+    fact_sub = run_child({**common, "variant": "factored", "layers": sub, "save": str(root / f"fact{n}")}, th)
+    fact_all = run_child({**common, "variant": "factored", "layers": None}, th)
+    read_all = run_child({**common, "variant": "read", "layers": args.layers}, th)
     errors = run_child({**common, "variant": "oracle", "layers": sub,
-                        "outputs": {"dense": str(root / f"dense{n}"), "factored": str(root / f"fact{n}")}})
-    dense_all = dense_sub["seconds"] * args.layers / sub
+                        "outputs": {"dense": str(root / f"dense{n}"), "factored": str(root / f"fact{n}")}}, None)
+    dense_all = dense_sub["cpu_seconds"] * args.layers / sub
+    shutil.rmtree(root / f"fleet{n}")
     return {
         "clients": n, "sum_ranks": sum(ranks), "min_out_in": 2048,
         "path": "factored (QR + core SVD)" if sum(ranks) <= 2048 else "gram (W once + float64 eigh)",
         "dense_subset": dense_sub, "factored_subset": fact_sub, "factored_all_layers": fact_all,
         "read_all_layers": read_all, "errors_vs_float64": errors["errors"],
-        "speedup_subset_measured": round(dense_sub["seconds"] / fact_sub["seconds"], 1),
-        "dense_all_layers_extrapolated_s": round(dense_all, 1),
-        "speedup_all_layers_vs_extrapolated": round(dense_all / fact_all["seconds"], 1),
+        "speedup_subset_cpu": round(dense_sub["cpu_seconds"] / fact_sub["cpu_seconds"], 1),
+        "speedup_subset_wall": round(dense_sub["seconds"] / fact_sub["seconds"], 1),
+        "dense_all_layers_extrapolated_cpu_s": round(dense_all, 1),
+        "speedup_all_layers_cpu_vs_extrapolated": round(dense_all / fact_all["cpu_seconds"], 1),
     }
 
 
@@ -213,6 +227,8 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=24)
     p.add_argument("--dense-layers", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None,
+                   help="BLAS/OpenMP threads per timed child (default: the libraries' own choice)")
     p.add_argument("--workdir", default=None, help="where client adapters are written (default: a temp dir)")
     p.add_argument("--json", default="docs/bench/aggregation.json")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -220,12 +236,13 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return
+    load_start, date = os.getloadavg(), time.strftime("%Y-%m-%d %H:%M %Z")
     with tempfile.TemporaryDirectory(dir=args.workdir, prefix="agg-bench-") as tmp:
         runs = [bench_fleet(Path(tmp), int(n), args) for n in args.clients.split(",")]
-    report = {"command": " ".join(["bench/aggregation.py", *sys.argv[1:]]), "date": time.strftime("%Y-%m-%d %H:%M"),
-              "machine": f"{os.cpu_count()} CPUs, torch {torch.__version__}, threads {torch.get_num_threads()}",
-              "load_average": os.getloadavg(), "layers": args.layers, "dense_layers": args.dense_layers,
-              "runs": runs}
+    report = {"command": " ".join(["bench/aggregation.py", *sys.argv[1:]]), "date": date,
+              "machine": f"{os.cpu_count()} CPUs, torch {torch.__version__}", "threads": args.threads or "default",
+              "load_average_start": load_start, "load_average_end": os.getloadavg(),
+              "layers": args.layers, "dense_layers": args.dense_layers, "runs": runs}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))

@@ -182,3 +182,26 @@ def test_distribute_bad_rank(tmp_path, capsys, clients, rank, match):
     digest = tree_digest(tmp_path / "g")
     code, _, err = run_cli(capsys, "distribute", "--rank", rank, "--out", tmp_path / "out", tmp_path / "g")
     _assert_clean_failure(tmp_path, [tmp_path / "g"], [digest], code, err, match)
+
+
+def test_streaming_reads_each_module_once_after_checking_every_header(tmp_path, clients, monkeypatch):
+    from server.aggregation.streaming import LazyAdapter
+
+    reads = []
+    original = LazyAdapter.pair
+
+    def spy(self, module):
+        reads.append((self.path.name, module))
+        return original(self, module)
+
+    monkeypatch.setattr(LazyAdapter, "pair", spy)
+    aggregate_dirs("flexlora", clients)
+    modules = sorted(read_adapter(clients[0]).modules)
+    assert reads == [(d.name, m) for m in modules for d in clients]  # module-major: one module in memory
+
+    reads.clear()
+    bad = write_adapter(make_adapter(4, shapes={Q: (24, 20), "model.layers.0.mlp.down_proj": (18, 30)}),
+                        tmp_path / "bad")
+    with pytest.raises(Exception, match="adapts a 18x30 base weight"):
+        aggregate_dirs("flexlora", [*clients, bad])
+    assert reads == []  # refused from the headers, before any tensor value was read

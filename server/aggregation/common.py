@@ -135,9 +135,15 @@ def equal_ranks(method: str, name: str, ranks: Sequence[int]) -> int:
     return ranks[0]
 
 
-def check_rank(method: str, name: str, rank: int, limit: int) -> int:
+def check_positive_rank(method: str, rank: int) -> int:
     if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
         raise AggregationError(f"{method}: rank must be a positive integer, got {rank!r}")
+    return rank
+
+
+def check_rank(method: str, name: str, rank: int, limit: int) -> int:
+    """``rank`` as the global rank of module ``name``, whose base weight allows at most ``limit``."""
+    check_positive_rank(method, rank)
     if rank > limit:
         raise AggregationError(f"{method}: rank {rank} exceeds min(out, in) = {limit} of module {name}")
     return rank

@@ -14,6 +14,7 @@ from export.errors import AggregationError
 from server.aggregation.common import (
     AggregationMethod,
     ModuleSpec,
+    check_positive_rank,
     check_rank,
     check_specs,
     client_weights,
@@ -30,7 +31,7 @@ def run(method: AggregationMethod, specs: Sequence[Mapping[str, ModuleSpec]], or
         allowed = ", ".join(sorted(method.options)) or "none"
         raise AggregationError(f"{method.name}: unknown option(s) {', '.join(unknown)} (allowed: {allowed})")
     if rank is not None:
-        check_rank(method.name, "(all)", rank, limit=rank)  # type and sign; the size is checked per module
+        check_positive_rank(method.name, rank)  # its size is checked per module
     check_specs([dict(s) for s in specs], origins)
     w = client_weights(weights, len(specs))
     use_rslora = all(bool(c.get("use_rslora", False)) for c in configs)

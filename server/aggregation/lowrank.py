@@ -10,8 +10,9 @@ so the first r components of (B, A) are the rank-r truncated SVD of W for every 
 Solvers:
 
 * ``factored`` (used while K ≤ min(out, in)): thin QR of both stacks, P = Q_P R_P and Qᵀ = Q_Q R_Q, so
-  W = Q_P (R_P R_Qᵀ) Q_Qᵀ and the SVD of the small K×K core gives U = Q_P U_c, V = Q_Q V_c. Cost
-  O((out + in) K² + K³); W (out × in) is never formed and no full-size SVD is taken.
+  W = Q_P (R_P R_Qᵀ) Q_Qᵀ and the SVD of the small K×K core gives V = Q_Q V_c and U S = W V = P R_Qᵀ V_c
+  (so Q_P of the longer side is never formed: only its R). Cost O((out + in) K² + K³); W (out × in) is
+  never formed and no full-size SVD is taken.
 * ``gram`` (used when K > min(out, in), where W has no low-rank factorization to exploit): W is formed once
   by one GEMM, then the top R eigenpairs of the smaller Gram matrix (WᵀW or WWᵀ, min(out, in) square) in
   float64 give the singular vectors (LAPACK ``dsyevr`` with an index range: only R eigenvectors are
@@ -19,7 +20,8 @@ Solvers:
   singular values keep ~16 digits relative to σ_1², so components down to ~1e-6·σ_1 are resolved far below
   the float32 result's own rounding.
 
-Everything after the stacking is float64; callers cast the factors back.
+A wide W (out < in) is solved as Wᵀ = Qᵀ Pᵀ and transposed back. Everything after the stacking is float64
+(the Gram path's single GEMM runs in the adapters' precision); callers cast the factors back.
 """
 
 from __future__ import annotations
@@ -43,55 +45,58 @@ def truncated_svd_of_sum(lefts: Sequence[torch.Tensor], rights: Sequence[torch.T
     Components beyond the stacked rank K are zero (B column and A row), so the shapes are always
     (out, rank) and (rank, in).
     """
+    import torch
+
     if solver not in SOLVERS:
         raise AggregationError(f"solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
-    out, inp = lefts[0].shape[0], rights[0].shape[1]
-    k = sum(int(x.shape[1]) for x in lefts)
-    if solver == "factored" or (solver == "auto" and k <= min(out, inp)):
-        b, a = _factored(lefts, rights, min(rank, k))
-    else:
-        b, a = _gram(lefts, rights, min(rank, k))
+    p = torch.cat(list(lefts), dim=1)  # (out, K)
+    q = torch.cat(list(rights), dim=0)  # (K, in)
+    (out, k), inp = p.shape, q.shape[1]
+    factored = solver == "factored" or (solver == "auto" and k <= min(out, inp))
+    solve = _factored if factored else _gram
+    if out >= inp:
+        b, a = solve(p, q, min(rank, k, inp))
+    else:  # work on Wᵀ = Qᵀ Pᵀ, which is tall, and transpose the answer back
+        b, a = _transposed(*solve(q.T, p.T, min(rank, k, out)))
     return _pad(b, a, rank)
 
 
-def _factored(lefts: Sequence[torch.Tensor], rights: Sequence[torch.Tensor],
-              rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _factored(p: torch.Tensor, q: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """W = P Q with out ≥ in. P = Q_P R_P (only R_P is computed), Qᵀ = Q_Q R_Q, so
+    W = Q_P (R_P R_Qᵀ) Q_Qᵀ; with the core's SVD U_c S V_cᵀ, V_R = Q_Q V_c and U_R S_R = W V_R = P R_Qᵀ V_c."""
     import torch
 
-    p = torch.cat([x.to(torch.float64) for x in lefts], dim=1)  # (out, K)
-    qt = torch.cat([x.to(torch.float64) for x in rights], dim=0).T  # (in, K)
-    q_p, r_p = torch.linalg.qr(p)  # (out, K'), (K', K) with K' = min(out, K)
-    q_q, r_q = torch.linalg.qr(qt)  # (in, K''), (K'', K)
-    u, s, vh = torch.linalg.svd(r_p @ r_q.T)  # core (K', K'')
-    b = q_p @ (u[:, :rank] * s[:rank])  # (out, R) = U_R S_R
-    a = vh[:rank] @ q_q.T  # (R, in) = V_Rᵀ
-    return b, a
+    p, q = p.to(torch.float64), q.to(torch.float64)
+    r_p = torch.linalg.qr(p, mode="r")[1]  # (K', K), K' = min(out, K)
+    q_q, r_q = torch.linalg.qr(q.T)  # (in, K''), (K'', K)
+    vh = torch.linalg.svd(r_p @ r_q.T)[2]  # core (K', K''): only V_c is needed
+    v = vh[:rank].T  # (K'', R)
+    return p @ (r_q.T @ v), (q_q @ v).T  # B = U_R S_R (out, R), A = V_Rᵀ (R, in)
 
 
-def _gram(lefts: Sequence[torch.Tensor], rights: Sequence[torch.Tensor],
-          rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _gram(p: torch.Tensor, q: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """W = P Q with out ≥ in, formed once; V_R = the top eigenvectors of WᵀW (in × in), U_R S_R = W V_R."""
     import scipy.linalg
     import torch
 
-    wide = torch.promote_types(torch.promote_types(lefts[0].dtype, rights[0].dtype), torch.float32)
-    w = (torch.cat([x.to(wide) for x in lefts], dim=1) @ torch.cat([x.to(wide) for x in rights], dim=0))
-    w64 = w.to(torch.float64).numpy()  # (out, in), one GEMM in the adapters' precision, the rest in float64
-    del w
-    tall = w64.shape[1] <= w64.shape[0]
-    gram = w64.T @ w64 if tall else w64 @ w64.T  # (m, m), m = min(out, in); numpy uses a SYRK here
+    wide = torch.promote_types(torch.promote_types(p.dtype, q.dtype), torch.float32)
+    w = (p.to(wide) @ q.to(wide)).to(torch.float64).numpy()  # (out, in): one GEMM in the adapters' precision
+    gram = w.T @ w  # (in, in) in float64; numpy uses a SYRK here
     m = gram.shape[0]
-    rank = min(rank, m)
-    # Only the top `rank` eigenpairs (LAPACK dsyevr with an index range), in descending order.
+    # Only the top `rank` eigenpairs (LAPACK dsyevr with an index range), then in descending order.
     _, vecs = scipy.linalg.eigh(gram, subset_by_index=[m - rank, m - 1], driver="evr")
-    top = torch.from_numpy(vecs[:, ::-1].copy())  # (m, R), a fresh array: torch refuses negative strides
-    wt = torch.from_numpy(w64)
-    if tall:
-        return wt @ top, top.T  # B = W V_R = U_R S_R, A = V_Rᵀ
-    sv = top.T @ wt  # (R, in) = S_R V_Rᵀ
-    s = sv.norm(dim=1)  # (R,) singular values
+    v = torch.from_numpy(vecs[:, ::-1].copy())  # (in, R), a fresh array: torch refuses negative strides
+    return torch.from_numpy(w) @ v, v.T
+
+
+def _transposed(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """From Wᵀ ≈ b @ a with b = U'S (in, R) and a = V'ᵀ (R, out), the same convention for W = a.T @ b.T:
+    B = V'S (out, R), A = U'ᵀ (R, in). Zero components stay zero."""
+    import torch
+
+    s = b.norm(dim=0)  # (R,) the singular values
     keep = s > 0
-    a = torch.where(keep[:, None], sv / torch.where(keep, s, 1.0)[:, None], 0.0)
-    return top * s, a  # B = U_R S_R, A = V_Rᵀ
+    return a.T * s, torch.where(keep[:, None], b.T / torch.where(keep, s, 1.0)[:, None], 0.0)
 
 
 def _pad(b: torch.Tensor, a: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
