@@ -10,6 +10,7 @@ first ``r`` components (HetLoRA truncation, Cho et al. 2024), rescaled to the pa
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,7 +84,8 @@ def attach_lora(model: Any, spec: LoraSpec, init: Adapter | None = None, *, seed
 
     cfg = LoraConfig(r=spec.r, lora_alpha=spec.lora_alpha,  # type: ignore[arg-type]  # PEFT accepts floats target_modules=list(spec.target_modules),
                      lora_dropout=0.0, bias="none", use_rslora=spec.use_rslora, init_lora_weights=True)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # transformers 5 deprecations PEFT 0.21 still calls
         torch.manual_seed(seed)
         peft_model = get_peft_model(model, cfg)
     if init is not None:

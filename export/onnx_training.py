@@ -14,7 +14,9 @@ without re-export, ``get_lora() -> Adapter`` to send the trained weights back.
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -46,12 +48,10 @@ def export_onnx_training(loss_module: Any, example: tuple[Any, Any], out_dir: Pa
     ORT resolves them relative to the working directory when it optimizes a graph held in memory, hence the
     ``chdir`` into ``out_dir``.
     """
-    import contextlib
-
     import onnx_ir as ir
     from onnxruntime.training import artifacts
 
-    from export.onnx_graph import fold_weight_transposes, strip_metadata
+    from export.onnx_graph import fold_weight_transposes, gather_from_transposed, strip_metadata
 
     quiet_onnxruntime()
     model = to_onnx(loss_module, example)
@@ -61,14 +61,20 @@ def export_onnx_training(loss_module: Any, example: tuple[Any, Any], out_dir: Pa
         raise ExportError("the exported ONNX graph has no LoRA initializers (were the PEFT names lost?)")
     strip_metadata(model)
     fold_weight_transposes(model, set(names) - set(lora))
+    gather_from_transposed(model)
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True)  # generate_artifacts does not create it
     with shared.linked_into(out_dir) as local, contextlib.chdir(out_dir):
         shared.externalize(model, out_dir, skip=set(lora), location=local)
         proto = ir.serde.serialize_model(model)
         del model
-        artifacts.generate_artifacts(proto, requires_grad=lora, frozen_params=None,
-                                     optimizer=artifacts.OptimType.AdamW, artifact_directory=".")
+        with _native_stderr_captured() as log:
+            try:
+                artifacts.generate_artifacts(proto, requires_grad=lora, frozen_params=None,
+                                             optimizer=artifacts.OptimType.AdamW, artifact_directory=".")
+            except Exception as exc:
+                raise ExportError(f"ORT training artifacts failed: {str(exc).strip().splitlines()[0]} "
+                                  f"({_last_line(log)})") from exc
     _finish_outputs(out_dir, shared, local)
     return lora
 
@@ -91,6 +97,32 @@ def to_onnx(loss_module: Any, example: tuple[Any, Any]) -> Any:
     if prog is None:
         raise ExportError("ONNX export returned no program")
     return prog.model
+
+
+@contextlib.contextmanager
+def _native_stderr_captured() -> Iterator[Path]:
+    """Send file descriptor 2 to a temporary file while the block runs (yields its path).
+
+    ORT's training graph builder logs hundreds of INFO lines from C++ whatever the Python-side severity.
+    """
+    import os
+    import sys
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.NamedTemporaryFile(prefix="lorafleet-ort-", suffix=".log") as f:
+        os.dup2(f.fileno(), 2)
+        try:
+            yield Path(f.name)
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def _last_line(path: Path) -> str:
+    lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    return lines[-1][-200:] if lines else "no log"
 
 
 def quiet_onnxruntime() -> None:

@@ -1,8 +1,12 @@
 """The export pipeline: a foundation model becomes an edge package, one named stage at a time.
 
-    check_output → read_init_adapter → load → check_targets → for each rank:
-        attach LoRA → wrap loss → export ONNX → lower ExecuTorch → verify → detach
+    check_output → read_init_adapter → load → check_targets
+    → for each rank: attach LoRA → wrap loss → export ONNX + verify → lower ExecuTorch → detach
+    → write the shared ExecuTorch foundation → for each rank: verify ExecuTorch (loaded with that file)
     → save (hash files, write the manifest, rename into place)
+
+The runtime-specific stages live in :mod:`export.stages`. ExecuTorch programs are verified after the
+foundation file all ranks share has been written, so what is checked is what ships.
 
 Cheap checks come first, so bad input (unknown runtime, rank ≤ 0, OUT exists, an ``--adapter`` of too low a
 rank) fails in milliseconds without loading a model; target modules and rank bounds are checked against the

@@ -59,18 +59,21 @@ def test_frozen_weights_are_stored_once(tiny_package):
     pkg = open_package(tiny_package)
     m = pkg.manifest
     foundation = pkg.foundation("onnx")
-    params = m.model.num_parameters * 4
-    # every frozen tensor once, plus the transposed copy of the tied embedding (its LM-head use)
-    tied = m.model.vocab_size * m.model.hidden_size * 4
-    assert foundation.stat().st_size <= params + tied + 64 * 64
+    params = m.model.num_parameters * 4  # the base model's, fp32
+    # every frozen tensor exactly once (the tied embedding too: a second copy would add 19 %), 64-byte
+    # aligned; tensors under 1 KB (RMSNorm weights here) stay inline in the graphs
+    assert 0.99 * params <= foundation.stat().st_size <= params + 64 * 64
     for r in pkg.ranks:
         d = pkg.path_of(r, "onnx_training")
-        assert m.rank(r).size_bytes < foundation.stat().st_size
+        own = sum(e.size for f, e in m.rank(r).files.items() if f.startswith("onnx/"))
+        assert own < foundation.stat().st_size / 2
         for name in ("training_model.onnx", "eval_model.onnx"):
             model = onnx.load(str(d / name), load_external_data=False)
             locations = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
             assert locations == {"../foundation.data"}
             assert not any(".lora_" in t.name for t in model.graph.initializer)  # LoRA lives in the checkpoint
+            assert not any(n.op_type == "Transpose" and n.input[0] in {t.name for t in model.graph.initializer}
+                           for n in model.graph.node)  # weights stored in the layout the MatMul reads
 
 
 def test_initial_lora_matches_the_package_adapter(tiny_package):

@@ -23,15 +23,20 @@ def real_package(tmp_path_factory):
 
 
 def test_real_model_programs_match_eager(real_package):
+    check_against_eager(real_package)
+
+
+def check_against_eager(pkg):
     from export.executorch import load_inference, load_training
     from export.onnx_training import OnnxTrainer
 
-    pkg = real_package
     m = pkg.manifest
     assert m.verification["passed"] and m.model.num_parameters == 134_515_008
     lm = load_model("smollm2-135m", attn_implementation="eager")
-    ids = torch.tensor([lm.tokenizer.encode("The capital of France is Paris. The capital of Italy is Rome.")[:16]])
-    assert ids.shape == (1, 16)
+    text = ("The capital of France is Paris. The capital of Italy is Rome. The capital of Spain is Madrid. "
+            "The capital of Germany is Berlin. The capital of Portugal is Lisbon.")
+    ids = torch.tensor([lm.tokenizer.encode(text)[:m.seq_len]])
+    assert ids.shape == (1, m.seq_len)
     labels = ids.clone()
     model = lm.model
     for r in (4, 8):

@@ -5,9 +5,11 @@ Lowering (inputs are a PEFT LoRA ``transformers`` causal LM loaded with ``attn_i
 * ``lower_inference(peft_model, seq_len) -> LoweredProgram`` — XNNPACK-delegated program, methods
   ``forward(input_ids int64 (1, T)) -> logits (1, T, vocab)``, ``set_lora(*factors)``, ``get_lora()``;
   loadable with ``executorch.runtime.Runtime.get().load_program(pte, data_path=foundation)``.
-* ``lower_training(peft_model, batch_size, seq_len) -> LoweredProgram`` — ``forward(input_ids (B, T),
-  labels (B, T)) -> loss`` with Hugging Face's causal-LM loss, compiled with its backward; trainable
-  parameters are exactly the LoRA factors (``executorch.extension.training`` loads it).
+* ``lower_training(peft_model, batch_size, seq_len, lowering=TrainingLowering(backend="xnnpack"))
+  -> LoweredProgram`` — ``forward(input_ids (B, T), labels (B, T)) -> loss`` with Hugging Face's causal-LM
+  loss, compiled with its backward; trainable parameters are exactly the LoRA factors
+  (``executorch.extension.training`` loads it). Backends ``"xnnpack"`` (default: frozen-weight matmuls of
+  forward and backward delegated to XNNPACK), ``"linear"``, ``"portable"`` (see ``training.py``).
 * ``LoweredProgram.write(pte_path)`` writes the program; ``LoweredProgram.lora`` is its :class:`LoraSpec`
   (PEFT names, ``r``, ``lora_alpha``, ``use_rslora``, ``target_modules``), also stored inside the program.
 * ``FoundationStore`` — ``add(lowered.foundation)`` for every program (all ranks, both kinds), then
@@ -34,7 +36,8 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "lower_inference": "lower", "lower_training": "lower", "LoweredProgram": "lower", "FOUNDATION_TAG": "lower",
+    "lower_inference": "lower", "LoweredProgram": "lower", "FOUNDATION_TAG": "lower",
+    "lower_training": "training", "TrainingLowering": "training",
     "FoundationStore": "foundation", "LoraSpec": "spec",
     "load_inference": "runtime", "load_training": "runtime", "InferenceProgram": "runtime",
     "TrainingProgram": "runtime", "StepResult": "runtime", "adapter_from_state": "runtime",

@@ -4,9 +4,7 @@
   ``set_lora(*factors)`` and ``get_lora()``. The LoRA factors live in buffers shared by the three methods
   (ExecuTorch's ``share_mutable_buffers``) and their ops stay out of XNNPACK, so new factors take effect
   without re-export.
-* :func:`lower_training` — ``forward(input_ids (B, T), labels (B, T)) -> loss`` compiled with its backward
-  (``torch.export.experimental._export_forward_backward``): the program returns the loss, the LoRA gradients
-  and the LoRA parameters, which is what ``executorch.extension.training.TrainingModule`` expects.
+* :func:`export.executorch.training.lower_training` — the training program (its own module).
 
 Program–data separation: every frozen weight is tagged for the data file :data:`FOUNDATION_TAG`; the LoRA
 factors stay inside the per-rank ``.pte``. Frozen weights keep the same key in every program (the wrappers
@@ -24,27 +22,22 @@ from typing import Any, Literal
 
 import torch
 from executorch.exir import (
-    EdgeCompileConfig,
     EdgeProgramManager,
     ExecutorchBackendConfig,
     ExecutorchProgramManager,
-    to_edge,
     to_edge_transform_and_lower,
 )
 from executorch.exir.passes import MemoryPlanningPass
 from executorch.exir.passes.external_constants_pass import delegate_external_constants_pass_unlifted
 from executorch.exir.passes.init_mutable_pass import InitializedMutableBufferPass
 from torch.export import ExportedProgram, export
-from torch.export.experimental import _export_forward_backward
 
 from export.errors import ExportError
 from export.executorch.files import write_atomic
 from export.executorch.partition import FrozenWeightsXnnpackPartitioner, pinned_placeholders
-from export.executorch.passes import replace_empty_permuted
 from export.executorch.spec import LORA_METHOD, LoraSpec
 from export.executorch.wrappers import (
     LORA_STATE,
-    CausalLMLoss,
     GetLora,
     InferenceLogits,
     LoraState,
@@ -74,7 +67,7 @@ class LoweredProgram:
 
 def lower_inference(peft_model: Any, seq_len: int) -> LoweredProgram:
     """Compile ``forward(input_ids (1, seq_len)) -> logits``, ``set_lora``, ``get_lora`` (XNNPACK, fp32)."""
-    _check_positive(seq_len=seq_len)
+    check_positive(seq_len=seq_len)
     names = lora_parameter_names(peft_model)
     spec = LoraSpec.from_peft(peft_model, names)
     params = dict(peft_model.named_parameters())
@@ -93,31 +86,11 @@ def lower_inference(peft_model: Any, seq_len: int) -> LoweredProgram:
     )
     config = ExecutorchBackendConfig(
         passes=[InitializedMutableBufferPass([LORA_STATE_PREFIX])],  # ship the factors as the state's initial value
-        external_constants=_foundation_tagger(edge, pinned),
+        external_constants=foundation_tagger(edge, pinned),
         memory_planning_pass=MemoryPlanningPass(share_mutable_buffers=True),
         emit_mutable_buffer_names=True,
     )
-    return _serialize("inference", edge.to_executorch(config), spec, (1, seq_len))
-
-
-def lower_training(peft_model: Any, batch_size: int, seq_len: int) -> LoweredProgram:
-    """Compile the joint forward+backward ``forward(input_ids, labels) -> loss`` for batches (B, T)."""
-    _check_positive(batch_size=batch_size, seq_len=seq_len)
-    names = lora_parameter_names(peft_model)
-    spec = LoraSpec.from_peft(peft_model, names)
-    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
-    if trainable != set(names):
-        extra = sorted(trainable - set(names))[:3]
-        raise ExportError(f"only LoRA factors may be trainable; also trainable: {extra}")
-    ids = torch.zeros((batch_size, seq_len), dtype=torch.long)
-    ep = export(CausalLMLoss(peft_model), (ids, ids.clone()), strict=False)
-    ep = _export_forward_backward(ep)
-    replace_empty_permuted(ep)
-    edge = to_edge(ep, compile_config=EdgeCompileConfig(_check_ir_validity=False),
-                   constant_methods={LORA_METHOD: spec.to_json()})
-    pinned = {f"model.{n}" for n in names}
-    config = ExecutorchBackendConfig(external_constants=_foundation_tagger(edge, pinned))
-    return _serialize("training", edge.to_executorch(config), spec, (batch_size, seq_len))
+    return serialize("inference", edge.to_executorch(config), spec, (1, seq_len))
 
 
 # --- stages ---------------------------------------------------------------------------------------------
@@ -134,7 +107,7 @@ def _export_with_delegate_tags(module: torch.nn.Module, args: tuple[Any, ...], p
     return export(unlifted, args, strict=False)
 
 
-def _foundation_tagger(edge: EdgeProgramManager, pinned: set[str]) -> Callable[[torch.fx.Node], str | None]:
+def foundation_tagger(edge: EdgeProgramManager, pinned: set[str]) -> Callable[[torch.fx.Node], str | None]:
     """A ``to_executorch`` tag function: frozen constants go to the foundation file, pinned ones stay inside."""
     inside: set[str] = set()
     for method in edge.methods:
@@ -142,7 +115,7 @@ def _foundation_tagger(edge: EdgeProgramManager, pinned: set[str]) -> Callable[[
     return lambda node: None if node.name in inside else FOUNDATION_TAG
 
 
-def _serialize(kind: ProgramKind, et: ExecutorchProgramManager, spec: LoraSpec,
+def serialize(kind: ProgramKind, et: ExecutorchProgramManager, spec: LoraSpec,
                shape: tuple[int, int]) -> LoweredProgram:
     with tempfile.TemporaryDirectory(prefix="lorafleet-ptd-") as tmp:
         if et._tensor_data:  # no public accessor; write_tensor_data_to_file asserts when there is no data
@@ -154,7 +127,7 @@ def _serialize(kind: ProgramKind, et: ExecutorchProgramManager, spec: LoraSpec,
     return LoweredProgram(kind, et.buffer, foundation, spec, shape)
 
 
-def _check_positive(**values: int) -> None:
+def check_positive(**values: int) -> None:
     for name, value in values.items():
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ExportError(f"{name} must be a positive integer, got {value!r}")

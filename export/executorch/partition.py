@@ -48,3 +48,29 @@ class FrozenWeightsXnnpackPartitioner(XnnpackPartitioner):
             return keep(node) if keep is not None else True
 
         return ops, keep_unless_pinned
+
+
+class GemmXnnpackPartitioner(FrozenWeightsXnnpackPartitioner):
+    """Delegate only matrix products (``linear``, ``mm``, ``addmm``) to XNNPACK, each as its own partition.
+
+    For the joint forward+backward graph of a training program: the frozen weights' products of the forward
+    (``linear(x, W)``) and of the backward (``mm(dy, W)``, XNNPACK's fully-connected with transposed weights)
+    carry nearly all of the FLOPs. Partitions hold one product each, so XNNPACK's preprocessing only needs
+    its linear conversion; the other XNNPACK graph passes (SDPA and upsampling pattern matching...) cost about
+    a second *per partition* on this graph and have nothing to find, so they are skipped through the
+    ``dqlinear_partitioner`` compile spec that selects exactly that pass list in ``XnnpackBackend.preprocess``.
+    """
+
+    def __init__(self, pinned_fqns: Iterable[str]) -> None:
+        from executorch.backends.xnnpack.partition.config.gemm_configs import (
+            AddmmConfig,
+            LinearConfig,
+            MMConfig,
+        )
+        from executorch.backends.xnnpack.xnnpack_preprocess import XnnpackBackend
+        from executorch.exir.backend.compile_spec_schema import CompileSpec
+        from executorch.exir.backend.partitioner import DelegationSpec
+
+        super().__init__(pinned_fqns, configs=[LinearConfig, MMConfig, AddmmConfig], per_op_mode=True)
+        only_linear_pass = CompileSpec("dqlinear_partitioner", b"")
+        self.delegation_spec = DelegationSpec(XnnpackBackend.__name__, [only_linear_pass])

@@ -44,3 +44,103 @@ def replace_empty_permuted(ep: ExportedProgram) -> int:
         graph.lint()
         ep.graph_module.recompile()
     return changed
+
+
+def cancel_transpose_pairs(ep: ExportedProgram) -> int:
+    """Drop two consecutive ``permute`` ops that undo each other (the backward of a linear layer transposes
+    the forward's already transposed weight).
+
+    Before::
+
+        wt  = aten.permute.default(w, [1, 0])       # (in, out)
+        w2  = aten.permute.default(wt, [1, 0])      # (out, in) again
+        dx  = aten.mm.default(dy, w2)               # (N, out) @ (out, in)
+
+    After::
+
+        dx  = aten.mm.default(dy, w)
+
+    ExecuTorch has no views: every ``permute`` becomes a ``permute_copy`` of the whole weight, on each step.
+    """
+    graph = ep.graph_module.graph
+    changed = 0
+    for node in list(graph.nodes):
+        inner = node.args[0] if _is_permute(node) else None
+        if inner is None or not _is_permute(inner):
+            continue
+        outer_dims, inner_dims = list(node.args[1]), list(inner.args[1])
+        if [inner_dims[d] for d in outer_dims] == list(range(len(outer_dims))):
+            node.replace_all_uses_with(inner.args[0])
+            graph.erase_node(node)
+            if not inner.users:
+                graph.erase_node(inner)
+            changed += 1
+    return _finish(ep, changed)
+
+
+def mm_to_linear(ep: ExportedProgram) -> int:
+    """Turn a matmul with a transposed constant weight back into ``linear`` (decomposition undone).
+
+    Before::
+
+        wt = aten.permute.default(w, [1, 0])       # w: a parameter (out, in) -> (in, out) copy each step
+        y  = aten.mm.default(x, wt)                 # (N, in) @ (in, out)
+
+    After::
+
+        y  = aten.linear.default(x, w)              # (N, in) -> (N, out), weight read as stored
+
+    XNNPACK then packs ``w`` once as a static fully-connected weight, stored under the same key as in the
+    inference program, so training and inference share the foundation bytes.
+    """
+    graph = ep.graph_module.graph
+    constants = {**ep.graph_signature.inputs_to_parameters, **ep.graph_signature.inputs_to_buffers}
+    changed = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target != torch.ops.aten.mm.default:
+            continue
+        x, wt = node.args
+        if not (_is_permute(wt) and list(wt.args[1]) == [1, 0]):
+            continue
+        w = wt.args[0]
+        if w.op != "placeholder" or w.name not in constants:
+            continue
+        with graph.inserting_before(node):
+            linear = graph.call_function(torch.ops.aten.linear.default, (x, w))
+        linear.meta = dict(node.meta)
+        node.replace_all_uses_with(linear)
+        graph.erase_node(node)
+        if not wt.users:
+            graph.erase_node(wt)
+        changed += 1
+    return _finish(ep, changed)
+
+
+def _is_permute(node: object) -> bool:
+    return isinstance(node, torch.fx.Node) and node.op == "call_function" and \
+        node.target == torch.ops.aten.permute.default
+
+
+def _finish(ep: ExportedProgram, changed: int) -> int:
+    if changed:
+        ep.graph_module.graph.lint()
+        ep.graph_module.recompile()
+    return changed
+
+
+def tag_delegate_constants(ep: ExportedProgram, tag: str, keep_inside: set[str]) -> int:
+    """Mark every lifted parameter/buffer (but the placeholders in ``keep_inside``) so that a delegate stores
+    it in the external data file ``tag`` (what ``delegate_external_constants_pass_unlifted`` does on unlifted
+    modules; a joint forward+backward graph cannot be unlifted and re-exported).
+
+    Before: ``p_w`` (placeholder, meta ``custom`` absent). After: ``p_w.meta["custom"]["delegate_constant_tag"]
+    == tag``; the graph itself is unchanged.
+    """
+    sig = ep.graph_signature
+    constants = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
+    changed = 0
+    for node in ep.graph.nodes:
+        if node.op == "placeholder" and node.name in constants and node.name not in keep_inside:
+            node.meta.setdefault("custom", {})["delegate_constant_tag"] = tag
+            changed += 1
+    return changed

@@ -1,0 +1,80 @@
+"""Lower a PEFT LoRA causal LM to an ExecuTorch training program.
+
+``forward(input_ids (B, T), labels (B, T)) -> loss`` (Hugging Face's causal-LM loss) is exported, its backward
+added by ``torch.export.experimental._export_forward_backward`` — the program returns the loss, the LoRA
+gradients and the LoRA parameters, as ``executorch.extension.training.TrainingModule`` expects — and lowered:
+
+* ``"portable"`` — ``to_edge(...).to_executorch()``, ExecuTorch's own kernels (the naive lowering);
+* ``"linear"`` — the same after the graph rewrites of :mod:`export.executorch.passes`, which drop the weight
+  transposes autograd leaves in the graph (ExecuTorch has no views: each is a full ``permute_copy`` per step)
+  and keep ``linear`` undecomposed;
+* ``"xnnpack"`` (default) — the rewrites, then every matrix product with a frozen weight (forward ``linear``
+  and backward ``mm``) delegated to XNNPACK, one partition per product, weights stored in the foundation
+  file under the same keys as the inference program's. LoRA factors stay in ExecuTorch memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge
+from torch.export import export
+from torch.export.experimental import _export_forward_backward
+
+from export.errors import ExportError
+from export.executorch.lower import FOUNDATION_TAG, LoweredProgram, check_positive, foundation_tagger, serialize
+from export.executorch.partition import GemmXnnpackPartitioner, pinned_placeholders
+from export.executorch.passes import (
+    cancel_transpose_pairs,
+    mm_to_linear,
+    replace_empty_permuted,
+    tag_delegate_constants,
+)
+from export.executorch.spec import LORA_METHOD, LoraSpec
+from export.executorch.wrappers import WRAPPED, CausalLMLoss, lora_parameter_names
+
+TrainingBackend = Literal["portable", "linear", "xnnpack"]
+BACKENDS: tuple[TrainingBackend, ...] = ("portable", "linear", "xnnpack")
+
+
+@dataclass(frozen=True)
+class TrainingLowering:
+    """How the joint graph is lowered (see the module docstring)."""
+
+    backend: TrainingBackend = "xnnpack"
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ExportError(f"TrainingLowering.backend must be one of {BACKENDS}, got {self.backend!r}")
+
+
+def lower_training(peft_model: Any, batch_size: int, seq_len: int,
+                   lowering: TrainingLowering | None = None) -> LoweredProgram:
+    """Compile the joint forward+backward ``forward(input_ids, labels) -> loss`` for batches (B, T)."""
+    lowering = lowering or TrainingLowering()
+    check_positive(batch_size=batch_size, seq_len=seq_len)
+    names = lora_parameter_names(peft_model)
+    spec = LoraSpec.from_peft(peft_model, names)
+    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    if trainable != set(names):
+        extra = sorted(trainable - set(names))[:3]
+        raise ExportError(f"only LoRA factors may be trainable; also trainable: {extra}")
+    ids = torch.zeros((batch_size, seq_len), dtype=torch.long)
+    ep = _export_forward_backward(export(CausalLMLoss(peft_model), (ids, ids.clone()), strict=False))
+    replace_empty_permuted(ep)
+    pinned = {f"{WRAPPED}.{n}" for n in names}
+    preserve: list[torch._ops.OpOverload] = []
+    if lowering.backend != "portable":
+        cancel_transpose_pairs(ep)
+        mm_to_linear(ep)
+        preserve = [torch.ops.aten.linear.default]
+    if lowering.backend == "xnnpack":
+        tag_delegate_constants(ep, FOUNDATION_TAG, keep_inside=pinned_placeholders(ep, pinned))
+    edge = to_edge(ep, compile_config=EdgeCompileConfig(_check_ir_validity=False, preserve_ops=preserve),
+                   constant_methods={LORA_METHOD: spec.to_json()})
+    if lowering.backend == "xnnpack":
+        edge = edge.to_backend(GemmXnnpackPartitioner(pinned))
+    config = ExecutorchBackendConfig(external_constants=foundation_tagger(edge, pinned))
+    return serialize("training", edge.to_executorch(config), spec, (batch_size, seq_len))
