@@ -19,6 +19,7 @@ SuperNode's ``--node-config`` (keys :data:`NODE_CONFIG_KEYS`); simulation passes
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import statistics
@@ -137,17 +138,24 @@ def _profiled_rank(settings: NodeSettings, pkg: Package, round_timeout: float, l
     budgets = Budgets(time_budget_seconds=round_timeout, steps_per_round=local_steps)
     backend = resolve_backend(settings, pkg)
     cache = _decision_cache(settings, pkg, backend, budgets)
-    if cache is not None and cache.is_file():
+    if cache is None:
+        return _profile(settings, pkg, backend, budgets)[0]
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with open(cache.with_suffix(".lock"), "w") as lock:  # nodes sharing a profile profile it once
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not cache.is_file():
+            from export.atomic import atomic_write_text
+
+            rank, reasons = _profile(settings, pkg, backend, budgets)
+            atomic_write_text(cache, json.dumps({"rank": rank, "reasons": reasons}, indent=1))
         return int(json.loads(cache.read_text())["rank"])
+
+
+def _profile(settings: NodeSettings, pkg: Package, backend: str, budgets: Any) -> tuple[int, list[str]]:
     from edge_client.profiler import profile_device
 
     result = profile_device(_device(settings, pkg), pkg, backend, budgets)
-    rank = result.selected_rank or P.NO_RANK
-    if cache is not None:
-        from export.atomic import atomic_write_text
-
-        atomic_write_text(cache, json.dumps({"rank": rank, "reasons": result.decision.reasons}, indent=1))
-    return rank
+    return result.selected_rank or P.NO_RANK, list(result.decision.reasons)
 
 
 def _device(settings: NodeSettings, pkg: Package) -> Any:
