@@ -29,12 +29,16 @@ from typing import Any
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 
-def tree_memory(proc: Any) -> tuple[int, int, int]:
-    """``(rss, pss, processes)`` summed over ``proc`` and its descendants."""
+def tree_sample(proc: Any, cpu: dict[int, float]) -> tuple[int, int, int]:
+    """``(rss, pss, processes)`` summed over ``proc`` and its descendants; ``cpu`` keeps each process's
+    latest user + system CPU seconds (their sum at the end is the run's CPU time, less each process's last
+    quarter second)."""
     rss = pss = n = 0
     for p in [proc, *proc.children(recursive=True)]:
         with contextlib.suppress(Exception):  # a process that just exited
             info = p.memory_full_info()
+            times = p.cpu_times()
+            cpu[p.pid] = times.user + times.system
             rss, pss, n = rss + info.rss, pss + getattr(info, "pss", info.rss), n + 1
     return rss, pss, n
 
@@ -58,8 +62,9 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     reader.start()
     proc = psutil.Process(child.pid)
     peak = {"rss": 0, "pss": 0, "processes": 0}
+    cpu: dict[int, float] = {}
     while child.poll() is None:
-        rss, pss, n = tree_memory(proc)
+        rss, pss, n = tree_sample(proc, cpu)
         peak = {"rss": max(peak["rss"], rss), "pss": max(peak["pss"], pss), "processes": max(peak["processes"], n)}
         time.sleep(0.25)
     wall = time.perf_counter() - t0
@@ -67,7 +72,8 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     if child.returncode != 0:
         tail = "\n".join(line for _, line in stages[-15:])
         raise SystemExit(f"lorafleet fleet failed (exit {child.returncode}):\n{tail}")
-    return {"wall_seconds": round(wall, 2), "peak_rss_bytes": peak["rss"], "peak_pss_bytes": peak["pss"],
+    return {"wall_seconds": round(wall, 2), "cpu_seconds": round(sum(cpu.values()), 1),
+            "peak_rss_bytes": peak["rss"], "peak_pss_bytes": peak["pss"],
             "peak_processes": peak["processes"], "stages": [[round(t, 2), s] for t, s in stages if s.strip()],
             "rounds": _rounds(out)}
 
@@ -92,15 +98,16 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default="docs/bench/fleet.json")
     args = ap.parse_args()
-    load_before = os.getloadavg()
+    load_before, date = os.getloadavg(), time.strftime("%Y-%m-%d %H:%M:%S %Z")
     with tempfile.TemporaryDirectory(prefix="bench-fleet-") as tmp:
         result = run(args, Path(tmp) / "out")
-    result = {"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    result = {"command": " ".join(sys.argv), "date": date,
               "machine": f"{os.cpu_count()} CPUs", "load_average_before": [round(x, 2) for x in load_before],
               "load_average_after": [round(x, 2) for x in os.getloadavg()], "settings": vars(args), **result}
     gib = 2**30
     print(f"{args.devices} devices, {args.fraction:g} per round, {args.rounds} rounds, {args.model}: "
-          f"{result['wall_seconds']:.1f} s wall, peak {result['peak_pss_bytes'] / gib:.2f} GiB PSS "
+          f"{result['wall_seconds']:.1f} s wall, ≈{result['cpu_seconds']:.0f} CPU s, peak "
+          f"{result['peak_pss_bytes'] / gib:.2f} GiB PSS "
           f"({result['peak_rss_bytes'] / gib:.2f} GiB RSS) over up to {result['peak_processes']} processes")
     for t, line in result["stages"]:
         print(f"  [{t:7.1f} s] {line}")

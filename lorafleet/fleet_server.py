@@ -83,7 +83,7 @@ class FleetServer:
     def run(self, grid: Grid) -> None:
         from flwr.app import ArrayRecord
 
-        self.strategy = build_fleet_strategy(self.config, self.emulation, self._outcome)
+        self.strategy = build_fleet_strategy(self.config, self.emulation, self._outcome, self.progress.stage)
         self.progress.stage("round 0: evaluating the untrained model")
         self.strategy.start(grid=ProgressGrid(grid, self.progress),  # type: ignore[arg-type]
                             initial_arrays=ArrayRecord(),
@@ -125,15 +125,15 @@ def round_record(out: RoundOutcome, metrics: dict[str, float], energy: dict[str,
                        drop_reasons={str(d): why for d, why in sorted(out.dropped.items())})
 
 
-def build_fleet_strategy(config: ServerConfig, emulation: Emulation,
-                         on_round: Callable[[RoundOutcome], None]) -> FleetStrategy:
+def build_fleet_strategy(config: ServerConfig, emulation: Emulation, on_round: Callable[[RoundOutcome], None],
+                         on_stage: Callable[[str], None] = lambda _s: None) -> FleetStrategy:
     """The fleet strategy, built from what the federation's ServerApp builds for ``config``."""
     from lorafleet.fleet_strategy import FleetStrategy
     from server.server_app import build_strategy, open_server_package
 
     base, _ = build_strategy(config)
     pkg = open_server_package(config.package)
-    return FleetStrategy(emulation=emulation, initial_adapter=pkg.initial_adapter, on_round=on_round,
+    return FleetStrategy(emulation=emulation, initial_adapter=pkg.initial_adapter, on_round=on_round, on_stage=on_stage,
                          global_adapter=base.global_adapter, state=base.state, limits=base.limits,
                          settings=base.settings, checkpoint=None, min_clients=1, min_valid=1, fraction=1.0)
 

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from export.adapter import Adapter
 
 IDENTIFY_TIMEOUT = 3600.0
+REGISTER_TIMEOUT = 300.0  # seconds to wait for the simulation engine to register every node
 
 
 @dataclass(frozen=True)
@@ -73,11 +74,12 @@ class FleetStrategy(LoraFleetStrategy):
     """:class:`LoraFleetStrategy` over emulated devices (see the module docstring)."""
 
     def __init__(self, *, emulation: Emulation, initial_adapter: Callable[[int], Adapter],
-                 on_round: Callable[[RoundOutcome], None] = lambda _o: None, **kwargs: Any) -> None:
+                 on_round: Callable[[RoundOutcome], None] = lambda _o: None,
+                 on_stage: Callable[[str], None] = lambda _s: None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.emulation = emulation
         self.initial_adapter = initial_adapter  # rank -> the package's initial adapter
-        self.on_round = on_round
+        self.on_round, self.on_stage = on_round, on_stage
         self.node_of: dict[int, int] = {}  # device -> Flower node id
         self.device_of: dict[int, int] = {}
         self.outcomes: list[RoundOutcome] = []
@@ -88,9 +90,8 @@ class FleetStrategy(LoraFleetStrategy):
     def identify(self, grid: Grid) -> None:
         """Ask every node which device it is; record its rank; fix FedAvg's one rank."""
         n = len(self.emulation.devices)
-        nodes = list(grid.get_node_ids())
-        if len(nodes) != n:
-            raise ConfigError(f"the simulation has {len(nodes)} nodes, the fleet {n} devices")
+        nodes = _all_nodes(grid, n)
+        self.on_stage(f"asking {n} devices which one each node is")
         query = ConfigRecord({P.PROTOCOL: P.PROTOCOL_VERSION})
         messages = [Message(RecordDict({P.CONFIG: query}), dst_node_id=node,
                             message_type=f"query.{IDENTIFY_ACTION}") for node in nodes]
@@ -104,6 +105,7 @@ class FleetStrategy(LoraFleetStrategy):
                 raise ConfigError("no device of the fleet fits any packaged rank: nobody can train")
             r = min(ranks) if self.emulation.fedavg_rank == "fleet-min" else max(ranks)
             self.state.global_rank, self.global_adapter = r, self.initial_adapter(r)
+        self.on_stage("round 1: training")
 
     def _record_identity(self, reply: Message) -> None:
         node = reply.metadata.src_node_id
@@ -174,6 +176,17 @@ class FleetStrategy(LoraFleetStrategy):
         self.outcomes.append(out)
         self.on_round(out)
         return result
+
+
+def _all_nodes(grid: Grid, n: int) -> list[int]:
+    """The simulation's ``n`` node ids, once the engine has registered them all (it does so while the
+    ServerApp starts)."""
+    deadline = time.monotonic() + REGISTER_TIMEOUT
+    while len(nodes := list(grid.get_node_ids())) < n and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if len(nodes) != n:
+        raise ConfigError(f"the simulation has {len(nodes)} nodes, the fleet {n} devices")
+    return nodes
 
 
 class _OnlyNodes:
