@@ -134,6 +134,8 @@ def _summary(distribution: str, seed: int, name: str, result: Any, seconds: floa
     return {"distribution": distribution, "seed": seed, "run": name, "wall_seconds": round(seconds, 1),
             "device_ranks": {str(r): ranks.count(r) for r in sorted(set(ranks))},
             "aggregated_per_round": [len(r.participants) for r in rounds[1:]],
+            "update_ranks_last_round": {str(k): list(rounds[-1].ranks.values()).count(k)
+                                        for k in sorted(set(rounds[-1].ranks.values()))},
             "dropped_per_round": [len(r.dropped) for r in rounds[1:]],
             "global_rank": result.global_rank,
             "final": {k: round(rounds[-1].metrics[k], 4) for k in SHOWN if k in rounds[-1].metrics}}

@@ -246,10 +246,13 @@ def _write_global(cfg: FleetConfig, server: Any, plan: FleetPlan) -> int:
     at most), at the package's scaling, as a PEFT directory."""
     from export.adapter import truncate, write_adapter
     from lorafleet.fleet_plan import ranked
+    from lorafleet.report import shareable
 
     adapter = server.strategy.global_adapter
     r = min(adapter.r, max(ranked(plan.devices)))
-    write_adapter(truncate(adapter, r), cfg.out / GLOBAL_DIR, overwrite=True)
+    out = write_adapter(truncate(adapter, r), cfg.out / GLOBAL_DIR, overwrite=True)
+    for path in (out, *out.iterdir()):
+        shareable(path)
     return r
 
 

@@ -122,7 +122,8 @@ def round_record(out: RoundOutcome, metrics: dict[str, float], energy: dict[str,
                        dropped=sorted(str(d) for d in out.dropped), round_time_s=out.round_time,
                        device_times_s={str(d): t for d, t in sorted(out.device_times.items())},
                        rank_energy=energy, online=out.online, sampled=[str(d) for d in out.sampled],
-                       drop_reasons={str(d): why for d, why in sorted(out.dropped.items())})
+                       drop_reasons={str(d): why for d, why in sorted(out.dropped.items())},
+                       ranks={str(d): r for d, r in sorted(out.ranks.items())})
 
 
 def build_fleet_strategy(config: ServerConfig, emulation: Emulation, on_round: Callable[[RoundOutcome], None],

@@ -64,6 +64,7 @@ class RoundOutcome:
     online: int
     sampled: list[int]
     participants: list[int] = field(default_factory=list)
+    ranks: dict[int, int] = field(default_factory=dict)  # participant -> rank of its update (HetLoRA may prune)
     dropped: dict[int, str] = field(default_factory=dict)  # device -> why
     device_times: dict[int, float] = field(default_factory=dict)
     round_time: float = 0.0
@@ -169,6 +170,7 @@ class FleetStrategy(LoraFleetStrategy):
         result = super().aggregate_train(server_round, [r for r in replies if r.metadata.src_node_id not in late_nodes])
         entry = self.state.history[-1]
         out.participants = sorted(self.device_of[int(n)] for n in entry["valid"])
+        out.ranks = {self.device_of[int(n)]: int(v["rank"]) for n, v in entry["valid"].items()}
         out.dropped.update({self.device_of[int(n)]: why for n, why in entry["dropped"].items()})
         out.round_time = round_duration([out.device_times[d] for d in on_time if d in out.participants],
                                         e.deadline, bool(late))

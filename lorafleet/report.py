@@ -40,6 +40,7 @@ class RoundRecord:
     online: int = 0  # devices online this round (the rest were not sampled)
     sampled: list[str] = field(default_factory=list)
     drop_reasons: dict[str, str] = field(default_factory=dict)  # dropped device -> why
+    ranks: dict[str, int] = field(default_factory=dict)  # participant -> rank of its update (HetLoRA may prune)
 
 
 @dataclass
@@ -98,7 +99,19 @@ def write_report(out_dir: str | Path, report: FleetReport) -> list[Path]:
         plots.save(plots.FIGURES[key](report), out / name)
         written.append(out / name)
     atomic_write_text(out / SUMMARY_MD, summary_markdown(report))
-    return [*written, out / SUMMARY_MD]
+    written.append(out / SUMMARY_MD)
+    for path in written:
+        shareable(path)
+    return written
+
+
+def shareable(path: Path) -> None:
+    """Give ``path`` the mode a plain ``open``/``mkdir`` would (temporary files are created owner-only)."""
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def read_report(out_dir: str | Path) -> FleetReport:

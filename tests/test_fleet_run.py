@@ -117,6 +117,9 @@ def test_the_global_adapter_loads_in_peft_at_the_fleets_highest_rank(fleet_run):
     out, _ = fleet_run
     adapter = read_adapter(out / "global")
     assert adapter.r == 16
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out / "global").stat().st_mode & 0o777 == 0o777 & ~umask  # readable by others, like the report
     base = load_model("random:tiny").model
     ids = torch.tensor([[1, 2, 3, 4, 5]])
     with torch.no_grad():
@@ -125,6 +128,20 @@ def test_the_global_adapter_loads_in_peft_at_the_fleets_highest_rank(fleet_run):
         after = model(input_ids=ids).logits
     assert model.peft_config["default"].r == 16
     assert not torch.allclose(before, after)  # the trained adapter changes the model
+
+
+@pytest.mark.slow
+def test_a_second_fleet_reuses_the_cached_package(fleet_run, monkeypatch):
+    from lorafleet.fleet_package import fleet_package, package_key
+
+    out, _ = fleet_run
+    config = json.loads((out / "metrics.json").read_text())["config"]
+    monkeypatch.setenv("LORAFLEET_CACHE", str(out.parent / "cache"))
+    args = ("random:tiny", (4, 8, 16), ("q_proj", "v_proj"), 16.0, config["seq_len"])
+    path, cached = fleet_package(*args, log=pytest.fail)  # nothing to export
+    assert cached and str(path) == config["package"]
+    assert package_key(*args) != package_key("random:tiny", (4, 8), ("q_proj", "v_proj"), 16.0, config["seq_len"])
+    assert package_key(*args) != package_key(*args[:4], config["seq_len"] + 32)
 
 
 # --- one-line errors, nothing left behind --------------------------------------------------------------

@@ -76,7 +76,7 @@ def test_offline_devices_are_not_sampled_and_stragglers_are_not_aggregated(packa
     strategy, outcomes, nodes = _run(package)
     out = outcomes[0]
     assert out.online == 5 and out.sampled == [0, 1, 2, 4, 5]  # device 3 is never online
-    assert out.participants == [0, 1, 5]
+    assert out.participants == [0, 1, 5] and out.ranks == {0: 8, 1: 4, 5: 4}
     assert set(out.dropped) == {2, 4}
     assert out.dropped[2].startswith("straggler: 50.0 s > deadline 10 s")
     assert "no packaged rank fits" in out.dropped[4] and out.device_times[4] == 30.0

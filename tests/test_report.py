@@ -45,6 +45,11 @@ def test_write_report_produces_every_file_and_reads_back(tmp_path):
     assert back.rounds[2] == rep.rounds[2]
     assert math.isnan(back.rounds[0].metrics["seen/loss"])
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]  # no temporaries left
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    assert all((p.stat().st_mode & 0o777) == 0o666 & ~umask for p in written)  # not owner-only temporaries
 
 
 def test_metrics_json_has_the_documented_fields(tmp_path):
