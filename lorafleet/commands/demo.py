@@ -1,27 +1,118 @@
-"""`lorafleet demo`: the main job on the embedded default model."""
+"""`lorafleet demo`: the main job on the embedded default model.
+
+Export SmolLM2-135M-Instruct into an edge package at a few LoRA ranks (cached after the first run), profile
+this machine, emulate a small heterogeneous fleet on Flower's simulation engine — 8 devices of 4 profiles,
+each training the rank the profiler's rule gives it under a 40 s round deadline — for 2 rounds of FlexLoRA,
+and write the report (metrics per round, plots, ``summary.md``, the global adapter) into ``demo-out/``.
+"""
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+from typing import Annotated, Any
+
 import typer
 
-DEFAULT_PROMPT = "What is the capital of France?"
+from export.errors import ConfigError
+
+DEMO_MIX = {"jetson-orin-nano-8gb": 1.0, "raspberry-pi-5-8gb": 1.0, "pixel-8": 1.0, "android-mid-6gb": 1.0}
+
+
+def demo_config(model: str, out: Path) -> Any:
+    """The demo's fleet: 8 devices (2 of each profile), 2 rounds of FlexLoRA, ranks 4/16/64, a 40 s deadline."""
+    from lorafleet.fleet_config import FleetConfig
+
+    return FleetConfig(devices=8, rounds=2, model=model, method="flexlora", seed=0, out=out, mix=dict(DEMO_MIX),
+                       fraction=1.0, local_steps=10, round_deadline=40.0, ranks=(4, 16, 64))
 
 
 def register(app: typer.Typer) -> None:
     @app.command("demo")
     def demo(
-        model: str = typer.Option("smollm2-135m", help="Model spec (see `lorafleet models`)."),
-        prompt: str = typer.Option(DEFAULT_PROMPT, help="The question to answer."),
-        max_new_tokens: int = typer.Option(32, min=1, max=512),
+        model: Annotated[str, typer.Option("--model", help="Model spec (see `lorafleet models`).")] = "smollm2-135m",
+        out: Annotated[Path, typer.Option("--out", help="Report directory (a previous demo report is replaced).")]
+        = Path("demo-out"),
+        max_new_tokens: Annotated[int, typer.Option(
+            "--max-new-tokens", min=1, max=512, help="Tokens of the sample answers shown at the end.")] = 32,
     ) -> None:
-        """Load the embedded SmolLM2-135M-Instruct and answer a prompt with it."""
+        """Export SmolLM2-135M, profile this machine, emulate an 8-device FlexLoRA fleet, write the report."""
         import time
 
-        from lorafleet.chat import answer
+        from export.models import parse_spec
+        from lorafleet.commands.fleet import print_result
+        from lorafleet.fleet import run_fleet
+        from lorafleet.fleet_progress import RichProgress
 
-        t0 = time.perf_counter()
-        reply = answer(model, prompt, max_new_tokens=max_new_tokens)
-        typer.echo(f"model: {model}")
-        typer.echo(f"prompt: {prompt}")
-        typer.echo(f"answer: {reply}")
-        typer.echo(f"({time.perf_counter() - t0:.1f} s)")
+        parse_spec(model)  # a bad spec fails here, before anything is written
+        _clear_previous(out)
+        cfg = demo_config(model, out)
+        typer.echo(f"lorafleet demo: export {model} (LoRA ranks {', '.join(map(str, cfg.ranks))} on "
+                   f"{', '.join(cfg.target_modules)}) → profile this machine → {cfg.devices} emulated devices "
+                   f"({', '.join(DEMO_MIX)}) × {cfg.rounds} rounds of {cfg.method} (deadline "
+                   f"{cfg.round_deadline:g} s, {cfg.local_steps} local steps) → report in {out}/")
+        started = time.perf_counter()
+        with RichProgress(cfg.rounds) as progress:
+            result = run_fleet(cfg, progress=progress)
+        _print_fleet(result)
+        _print_sample(result, model, max_new_tokens)
+        print_result(result)
+        typer.echo(f"({time.perf_counter() - started:.0f} s)")
+
+
+def _clear_previous(out: Path) -> None:
+    """The demo rewrites its own report; anything else at ``out`` is left alone."""
+    from lorafleet.report import METRICS_JSON
+
+    if out.exists() and any(out.iterdir()):
+        if not (out / METRICS_JSON).is_file():
+            raise ConfigError(f"{out} exists and holds no fleet report; choose another --out")
+        shutil.rmtree(out)
+
+
+def _print_fleet(result: Any) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    choice = result.report.rank_choice
+    host = choice["host"]
+    steps = ", ".join(f"rank {m['rank']}: {m['step_seconds']:.2f} s" for m in host["measurements"])
+    console = Console(soft_wrap=True)
+    console.print(f"this machine: {host['device']['gflops']:.1f} GFLOP/s per simulation worker; one training step "
+                  f"({host['backend']}): {steps}")
+    table = Table(title="ranks chosen by the profiler's rule (deadline "
+                        f"{choice['budgets']['time_budget_seconds']:g} s)")
+    for col in ("profile", "devices", "GFLOP/s", "online", "rank", "predicted round"):
+        table.add_column(col)
+    profiles = list(result.report.device_profiles.values())
+    for name, p in choice["profiles"].items():
+        rank = p["selected_rank"]
+        fit = next((c for c in p["candidates"] if c["rank"] == rank), None)
+        why = fit["why"].split("; ")[-1] if fit else p["reasons"][-1]  # "round 18.4 s (10 steps × ...) ≤ ..."
+        table.add_row(name, str(profiles.count(name)), f"{p['gflops']:g}", f"{p['availability']:.0%}",
+                      str(rank) if rank is not None else "none", why)
+    console.print(table)
+
+
+def _print_sample(result: Any, model: str, max_new_tokens: int) -> None:
+    """The first held-out families (never trained on), one example each, answered before and after the fleet."""
+    from export.adapter import read_adapter
+    from export.models import load_model
+    from lorafleet import tasks
+    from lorafleet.evaluate import applied, generate_answers
+    from lorafleet.fleet import GLOBAL_DIR
+
+    examples = [(f, tasks.generate(f, 1, seed=1, stream="eval")[0]) for f in tasks.heldout_families()[:3]]
+    loaded = load_model(model)
+
+    def answers() -> list[str]:
+        return generate_answers(loaded.model, loaded.tokenizer, [ex for _, ex in examples],
+                                max_new_tokens=max_new_tokens, batch_size=len(examples))
+
+    before = answers()
+    with applied(loaded.model, read_adapter(result.out / GLOBAL_DIR)):
+        after = answers()
+    typer.echo("held-out tasks (families never trained on), answered by the untrained model → after the fleet:")
+    for (family, ex), b, a in zip(examples, before, after, strict=True):
+        prompt = ex.instruction + (f" {ex.input}" if ex.input else "")
+        typer.echo(f"  [{family}] {prompt}\n    reference: {ex.output!r}; untrained: {b!r} → fleet: {a!r}")

@@ -1,0 +1,99 @@
+"""The fleet plan (ranks from the profiler's rule, never assigned), the fleet's config and its one-line errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from edge_client.device import DeviceReport, emulate
+from edge_client.profiler import ProfileResult
+from edge_client.rank_choice import Budgets, RankDecision, RankPrediction, choose_rank
+from export.errors import ConfigError
+from lorafleet.fleet_config import FleetConfig, parse_mix
+from lorafleet.fleet_plan import HostProfile, load_mix, plan_fleet
+from tests.fleet_helpers import write_profile
+
+HOST_GFLOPS = 50.0
+
+
+def _host() -> HostProfile:
+    device = DeviceReport("host", "measured", 16 << 30, 8 << 30, 2, HOST_GFLOPS, 10.0, host_gflops=HOST_GFLOPS)
+    predictions = [RankPrediction(r, 400 << 20, 0.02 + 0.0005 * r, 4 * 1000 * r) for r in (4, 8, 16)]
+    return HostProfile(ProfileResult(device, RankDecision([], 16, []), [], predictions), "torch")
+
+
+@pytest.fixture
+def profiles_dir(tmp_path):
+    d = tmp_path / "profiles"
+    write_profile(d, "fast", sustained_gflops=1000.0)
+    write_profile(d, "slownet", network_up_mbps=0.05, network_down_mbps=0.05)  # transfer time grows with rank
+    write_profile(d, "slowcpu", sustained_gflops=0.01)  # no rank makes the deadline
+    write_profile(d, "small", app_memory_gib=0.1, memory_total_gib=1.0)  # no rank fits in memory
+    return d
+
+
+def test_every_device_gets_the_rank_the_profilers_rule_gives_its_profile(profiles_dir):
+    budgets = Budgets(time_budget_seconds=6.0, steps_per_round=3)
+    profiles = load_mix(profiles_dir, None)
+    plan = plan_fleet(_host(), profiles, None, 40, budgets, seed=3)
+    assert len(plan.devices) == 40 and {d.profile for d in plan.devices} == set(profiles)
+    for d in plan.devices:
+        expected = choose_rank(emulate(profiles[d.profile], HOST_GFLOPS), _host().result.predictions, budgets)
+        assert d.rank == expected.selected_rank
+        assert d.time_scale == pytest.approx(HOST_GFLOPS / profiles[d.profile].sustained_gflops)
+    by_profile = {d.profile: d for d in plan.devices}
+    assert by_profile["fast"].rank == 16
+    assert by_profile["slownet"].rank is not None and by_profile["slownet"].rank < 16  # ranks differ by profile
+    slow = by_profile["slowcpu"]
+    assert slow.rank is None and slow.unable_seconds > 6.0 and "too slow" in slow.unable_reason
+    small = by_profile["small"]
+    assert small.rank is None and small.unable_seconds is None and "too big" in small.unable_reason
+    json = plan.rank_choice_json(budgets)
+    assert json["profiles"]["fast"]["selected_rank"] == 16 and json["budgets"]["time_budget_seconds"] == 6.0
+
+
+def test_without_a_deadline_ranks_follow_memory_only(profiles_dir):
+    plan = plan_fleet(_host(), load_mix(profiles_dir, None), None, 8, Budgets(steps_per_round=3), seed=0)
+    assert {d.profile: d.rank for d in plan.devices} == {"fast": 16, "slownet": 16, "slowcpu": 16, "small": None}
+
+
+def test_the_mix_chooses_and_weighs_profiles(profiles_dir):
+    profiles = load_mix(profiles_dir, {"fast": 3, "slownet": 1, "small": 0})
+    assert set(profiles) == {"fast", "slownet"}  # weight 0: not in the fleet
+    plan = plan_fleet(_host(), profiles, {"fast": 3, "slownet": 1, "small": 0}, 8, Budgets(), seed=0)
+    assert [d.profile for d in plan.devices].count("fast") == 6
+    with pytest.raises(ConfigError, match=r"--mix names unknown profile 'nope' \(profiles in .*: fast, slowcpu"):
+        load_mix(profiles_dir, {"nope": 1.0})
+    with pytest.raises(ConfigError, match="no device profiles"):
+        load_mix(profiles_dir / "missing", None)
+
+
+def test_parse_mix_and_its_errors():
+    assert parse_mix("pixel-8=2, jetson-orin-nano-8gb=0.5") == {"pixel-8": 2.0, "jetson-orin-nano-8gb": 0.5}
+    for text, message in (("pixel-8", "expected name=weight pairs"), ("=2", "expected name=weight pairs"),
+                          ("a=x", "weight of 'a' must be a number"), ("a=-1", "non-negative"),
+                          ("a=inf", "non-negative"), ("a=1,a=2", "given twice"), ("a=0,b=0", "must not all be zero")):
+        with pytest.raises(ConfigError, match=message):
+            parse_mix(text)
+
+
+def test_fleet_config_names_the_bad_field(tmp_path):
+    ok = {"devices": 4, "rounds": 1, "model": "random:tiny", "method": "flexlora", "seed": 0, "out": tmp_path / "o"}
+    assert FleetConfig(**ok).to_json()["round_deadline_s"] is None
+    for change, message in (({"devices": 0}, "devices must be a positive integer, got 0"),
+                            ({"rounds": -1}, "rounds must be a positive integer"),
+                            ({"method": "fedprox"}, "method must be one of fedavg, hetlora, flexlora"),
+                            ({"fraction": 0.0}, r"fraction must be in \(0, 1\], got 0.0"),
+                            ({"fraction": 1.5}, r"fraction must be in \(0, 1\], got 1.5"),
+                            ({"round_deadline": -3.0}, "round_deadline must be a positive number"),
+                            ({"round_deadline": math.inf}, "round_deadline must be a positive number"),
+                            ({"local_steps": 0}, "local_steps must be a positive integer"),
+                            ({"ranks": (4, 4)}, "ranks must be distinct positive integers"),
+                            ({"seq_len": 4}, "seq_len must be 0"),
+                            ({"backend": "executorch"}, "backend must be one of onnxruntime, torch"),
+                            ({"fedavg_rank": "median"}, "fedavg_rank must be one of"),
+                            ({"data": str(tmp_path / "none.jsonl")}, "data must be .builtin. or a JSONL file"),
+                            ({"profiles_dir": tmp_path / "nope"}, "profiles directory not found")):
+        with pytest.raises(ConfigError, match=message):
+            FleetConfig(**{**ok, **change})
