@@ -19,8 +19,10 @@ $(STAMP): pyproject.toml
 demo: install
 	$(BIN)/lorafleet demo
 
+# Two pytest workers (CI has 2 cores); a test file stays on one worker, so its module fixtures are built once.
+TEST_WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 lint: install
 	$(BIN)/ruff check .

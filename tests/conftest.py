@@ -20,8 +20,31 @@ def tiny_package(tmp_path_factory):
 
     Open it with `export.package.open_package(path)`; do not modify it (copy it first).
     """
+    from filelock import FileLock
+
     from export.pipeline import ExportConfig, run_export
 
-    out = tmp_path_factory.mktemp("tiny-package") / "pkg"
-    run_export(ExportConfig(out=out, **TINY_PACKAGE))
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs two workers: they share one export
+        root = root.parent
+    out = root / "tiny-package" / "pkg"
+    with FileLock(str(root / "tiny-package.lock")):
+        if not (out / "manifest.json").is_file():  # the export renames a verified package into place
+            run_export(ExportConfig(out=out, **TINY_PACKAGE))
     return out
+
+
+# Files whose fixtures take minutes (a real export, Flower processes, a simulated fleet) go first, so that with
+# two workers (`make test --dist loadfile --no-loadscope-reorder`) the two longest start at once and the quick
+# files fill in around them. xdist hands each worker one file, then a second to a worker with ≤ 2 tests
+# pending: the one-test real export gets the quick test_stack.py queued behind it, not another long file.
+LONG_FILES = ("test_export_real.py", "test_federation_deploy.py", "test_stack.py", "test_backends.py",
+              "test_fleet_run.py", "test_executorch.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        name = item.path.name
+        return LONG_FILES.index(name) if name in LONG_FILES else len(LONG_FILES)
+
+    items.sort(key=rank)  # stable: the order within a file and among the other files is kept

@@ -212,3 +212,20 @@ def test_hetlora_above_r_max_pads_with_zero_components():
     for p in got.modules.values():
         assert torch.count_nonzero(p.lora_A[4:]) == 0 and torch.count_nonzero(p.lora_B[:, 4:]) == 0
     assert max_rel_err(got, dense_hetlora(clients)) < 1e-6
+
+
+@pytest.mark.parametrize("shape", [(40, 24), (24, 40)])
+def test_factors_have_one_sign_whatever_the_client_order_or_solver(shape):
+    """An SVD leaves each component's sign free; lorafleet fixes it, so the global adapter's factors (not
+    only B @ A) are the same for any order of the replies and either solver."""
+    g = torch.Generator().manual_seed(0)
+    out, inp = shape
+    scales = torch.tensor([8.0, 4.0, 2.0, 1.0, 0.5])  # well-separated singular values
+    lefts = [torch.randn(out, 5, generator=g, dtype=torch.float64) * scales for _ in range(3)]
+    rights = [torch.randn(5, inp, generator=g, dtype=torch.float64) for _ in range(3)]
+    ref_b, ref_a = truncated_svd_of_sum(lefts, rights, 4, solver="factored")
+    for solver in ("factored", "gram"):
+        b, a = truncated_svd_of_sum(lefts[::-1], rights[::-1], 4, solver=solver)
+        torch.testing.assert_close(a, ref_a, rtol=1e-8, atol=1e-9)
+        torch.testing.assert_close(b, ref_b, rtol=1e-8, atol=1e-9)
+    assert bool((ref_a.gather(1, ref_a.abs().argmax(1, keepdim=True)) > 0).all())

@@ -92,8 +92,8 @@ def test_the_global_adapter_is_the_aggregation_of_the_replies(package, tmp_path,
     ordered = sorted(devices.items())
     adapters = [as_adapter(d.replied[-1], int(d.received[-1][0]), 16.0) for _, d in ordered]
     expected = aggregate(method, adapters, [d.n for _, d in ordered], rank=state.global_rank)
-    for key, t in expected.state_dict().items():
-        torch.testing.assert_close(final.state_dict()[key], t.float(), rtol=0, atol=0)
+    for key, t in expected.state_dict().items():  # the strategy orders replies by digest: rounding may differ
+        torch.testing.assert_close(final.state_dict()[key], t.float(), rtol=1e-5, atol=1e-6)
     assert state.round == 2 and state.finished
     assert state.global_rank == (2 if method == "fedavg" else 8)
     if method == "fedavg":  # one rank for everyone: the package's smallest

@@ -5,7 +5,9 @@ L_k is (out, r_k) and R_k is (r_k, in); stacked, W = P Q with P = [L_1 … L_K] 
 
     B = U_R · diag(S_R)   (out, R),     A = V_Rᵀ   (R, in),     B @ A = the rank-R truncated SVD of W,
 
-so the first r components of (B, A) are the rank-r truncated SVD of W for every r ≤ R.
+so the first r components of (B, A) are the rank-r truncated SVD of W for every r ≤ R. Each component's sign
+is fixed (the largest-magnitude entry of its row of A is positive), so the factors do not depend on client
+order or solver beyond rounding.
 
 Solvers:
 
@@ -58,7 +60,19 @@ def truncated_svd_of_sum(lefts: Sequence[torch.Tensor], rights: Sequence[torch.T
         b, a = solve(p, q, min(rank, k, inp))
     else:  # work on Wᵀ = Qᵀ Pᵀ, which is tall, and transpose the answer back
         b, a = _transposed(*solve(q.T, p.T, min(rank, k, out)))
-    return _pad(b, a, rank)
+    return _pad(*_canonical_signs(b, a), rank)
+
+
+def _canonical_signs(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fix each component's sign (an SVD leaves it free): the largest-magnitude entry of every row of A is
+    positive. B @ A is unchanged; the factors no longer depend on client order or on the solver."""
+    import torch
+
+    if a.shape[0] == 0:
+        return b, a
+    pivot = a.gather(1, a.abs().argmax(dim=1, keepdim=True)).squeeze(1)  # (R,)
+    sign = torch.where(pivot < 0, -1.0, 1.0).to(a.dtype)
+    return b * sign, a * sign[:, None]
 
 
 def _factored(p: torch.Tensor, q: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
