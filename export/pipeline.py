@@ -216,6 +216,18 @@ def verify_executorch(ctx: RankContext, model: Any) -> tuple[Any, list[Check]]:
     return model, checks
 
 
+def release_memory() -> None:
+    """Collect reference cycles and hand freed heap pages back to the OS (glibc), between ranks."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    libc = ctypes.util.find_library("c")
+    if libc and hasattr(ctypes.CDLL(libc), "malloc_trim"):
+        ctypes.CDLL(libc).malloc_trim(0)
+
+
 # --- the whole pipeline ---------------------------------------------------------------------------------
 
 def run_export(cfg: ExportConfig, log: Log = lambda _msg: None) -> ExportResult:
@@ -248,6 +260,7 @@ def run_export(cfg: ExportConfig, log: Log = lambda _msg: None) -> ExportResult:
         for r in cfg.ranks:
             model, rank_checks = compile_rank(ctx, model, r, init)
             checks += rank_checks
+            release_memory()  # RSS was measured to grow by GBs per ExecuTorch-lowered rank (docs/BENCHMARKS.md)
         if ctx.et_store is not None:
             model, et_checks = verify_executorch(ctx, model)
             checks += et_checks
