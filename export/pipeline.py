@@ -260,7 +260,7 @@ def run_export(cfg: ExportConfig, log: Log = lambda _msg: None) -> ExportResult:
         for r in cfg.ranks:
             model, rank_checks = compile_rank(ctx, model, r, init)
             checks += rank_checks
-            release_memory()  # a 4-rank SmolLM2-135M export passed 16.9 GB at its 4th rank (BENCHMARKS)
+            release_memory()  # 4-rank SmolLM2-135M export: peak 16.9 GB (killed) → 11.3 GB (BENCHMARKS)
         if ctx.et_store is not None:
             model, et_checks = verify_executorch(ctx, model)
             checks += et_checks
