@@ -128,9 +128,8 @@ def module_rank_alpha(config: dict[str, Any], module: str) -> tuple[int, float]:
     return r, float(alpha)
 
 
-def read_adapter(path: str | Path, *, check_finite: bool = True) -> Adapter:
-    """Read and check a PEFT adapter directory (safetensors only). Raises :class:`AdapterError`."""
-    path = Path(path)
+def weights_file(path: Path) -> Path:
+    """The safetensors file of the adapter directory ``path``; a pickle-only or missing one is an error."""
     if not path.is_dir():
         raise AdapterError(f"adapter directory not found: {path}")
     weights = path / WEIGHTS_FILE
@@ -139,6 +138,13 @@ def read_adapter(path: str | Path, *, check_finite: bool = True) -> Adapter:
             raise AdapterError(f"{path} holds only a pickle ({PICKLE_FILE}); lorafleet never unpickles "
                                f"adapters: save it as {WEIGHTS_FILE}")
         raise AdapterError(f"{path} has no {WEIGHTS_FILE}")
+    return weights
+
+
+def read_adapter(path: str | Path, *, check_finite: bool = True) -> Adapter:
+    """Read and check a PEFT adapter directory (safetensors only). Raises :class:`AdapterError`."""
+    path = Path(path)
+    weights = weights_file(path)
     config = _read_config(path / CONFIG_FILE)
     tensors = _read_safetensors(weights)
     return adapter_from_state_dict(tensors, config, check_finite=check_finite, origin=str(path))

@@ -17,11 +17,10 @@ from typing import Any
 
 from export.adapter import (  # the private helpers keep one definition of the format's rules
     _KEY,
-    PICKLE_FILE,
-    WEIGHTS_FILE,
     LoraPair,
     _read_config,
     adapter_from_state_dict,
+    weights_file,
 )
 from export.errors import AdapterError
 from server.aggregation.common import ModuleSpec
@@ -34,7 +33,7 @@ class LazyAdapter:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.weights = _weights_file(self.path)
+        self.weights = weights_file(self.path)
         self.config: dict[str, Any] = _read_config(self.path / "adapter_config.json")
         self._keys: dict[str, tuple[str, str]] = {}  # module -> (lora_A key, lora_B key)
         self.specs: dict[str, ModuleSpec] = {}
@@ -78,15 +77,3 @@ class LazyAdapter:
 def open_clients(paths: Sequence[str | Path]) -> list[LazyAdapter]:
     """Open every client directory (configs and headers only), failing on the first bad one."""
     return [LazyAdapter(p) for p in paths]
-
-
-def _weights_file(path: Path) -> Path:
-    if not path.is_dir():
-        raise AdapterError(f"adapter directory not found: {path}")
-    weights = path / WEIGHTS_FILE
-    if not weights.is_file():
-        if (path / PICKLE_FILE).exists():
-            raise AdapterError(f"{path} holds only a pickle ({PICKLE_FILE}); lorafleet never unpickles "
-                               f"adapters: save it as {WEIGHTS_FILE}")
-        raise AdapterError(f"{path} has no {WEIGHTS_FILE}")
-    return weights
