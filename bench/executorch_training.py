@@ -1,7 +1,8 @@
 """ExecuTorch training step time against eager torch+PEFT on the same CPU, per lowering backend.
 
     PYTHONPATH=. .venv/bin/python bench/executorch_training.py [--model smollm2-135m] [--rank 8]
-        [--backends portable,linear,xnnpack] [--steps 12] [--threads 2,1] [--json docs/bench/executorch-training.json]
+        [--backends portable,linear,gemm,xnnpack] [--steps 12] [--threads 2,1]
+        [--json docs/bench/executorch-training.json]
 
 For each backend the training program is lowered (time and peak RSS recorded), loaded against its foundation
 file, checked against eager (loss and LoRA gradients on the same batch), then timed: eager steps
@@ -18,12 +19,17 @@ import os
 import platform
 import resource
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+
+# Run as a script, this file's directory comes first on sys.path and "export" would import bench/export.py
+# instead of the lorafleet package: drop it.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 
 def main() -> None:
@@ -60,7 +66,7 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seq-len", type=int, default=32)
-    p.add_argument("--backends", default="portable,linear,xnnpack")
+    p.add_argument("--backends", default="portable,linear,gemm,xnnpack")
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--threads", default="2,1", help="torch intra-op threads = ExecuTorch threadpool size; a list "
                    "times each")

@@ -1,7 +1,7 @@
 """The export pipeline: a foundation model becomes an edge package, one named stage at a time.
 
     check_output → read_init_adapter → load → check_targets
-    → for each rank: attach LoRA → wrap loss → export ONNX + verify → lower ExecuTorch → detach
+    → for each rank: attach LoRA → wrap loss → export ONNX + verify → lower ExecuTorch (in a forked child) → detach
     → write the shared ExecuTorch foundation → for each rank: verify ExecuTorch (loaded with that file)
     → save (hash files, write the manifest, rename into place)
 
@@ -16,7 +16,9 @@ loaded model's real linear layers. Everything is staged in a temporary directory
 
 from __future__ import annotations
 
+import contextlib
 import math
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -168,6 +170,7 @@ class RankContext:
     log: Log
     onnx_shared: Any | None = None  # export.onnx_graph.SharedExternalData
     et_store: Any | None = None  # export.executorch.FoundationStore
+    et_parts: Path | None = None  # each program's data file until the shared one is written (same filesystem)
     initial: dict[int, Adapter] = field(default_factory=dict)  # each rank's packaged LoRA weights
 
     def timed(self, stage: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -246,7 +249,7 @@ def run_export(cfg: ExportConfig, log: Log = lambda _msg: None) -> ExportResult:
     section = model_section(lm.info)
     batch = example_batch(section.vocab_size, cfg.batch_size, cfg.seq_len, seed=VERIFY_SEED)
     model = lm.model
-    with write_package(cfg.out, overwrite=cfg.force) as writer:
+    with write_package(cfg.out, overwrite=cfg.force) as writer, contextlib.ExitStack() as stack:
         ctx = RankContext(cfg, writer, batch, seconds, log)
         if "onnx" in cfg.runtimes:
             from export.onnx_graph import SharedExternalData
@@ -256,6 +259,8 @@ def run_export(cfg: ExportConfig, log: Log = lambda _msg: None) -> ExportResult:
             from export.executorch import FoundationStore
 
             ctx.et_store = FoundationStore()
+            ctx.et_parts = Path(stack.enter_context(tempfile.TemporaryDirectory(
+                prefix=".lorafleet-et-", dir=writer.root.parent)))
         checks: list[Check] = []
         for r in cfg.ranks:
             model, rank_checks = compile_rank(ctx, model, r, init)

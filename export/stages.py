@@ -52,15 +52,26 @@ def _verify_onnx(ctx: RankContext, peft_model: Any, loss_module: Any, spec: Lora
 
 
 def lower_executorch_rank(ctx: RankContext, peft_model: Any, spec: LoraSpec) -> None:
-    """Lower rank ``spec.r``'s inference and training programs; their frozen weights join the shared store."""
+    """Lower rank ``spec.r``'s inference and training programs, each in a forked child process
+    (:mod:`export.forked`); their frozen weights join the shared store from the data files the children wrote."""
     from export.executorch import lower_inference, lower_training
+    from export.forked import run_forked
 
-    assert ctx.et_store is not None
+    assert ctx.et_store is not None and ctx.et_parts is not None
     for kind, lower, args in (("executorch_inference", lower_inference, (ctx.cfg.seq_len,)),
                               ("executorch_training", lower_training, (ctx.cfg.batch_size, ctx.cfg.seq_len))):
-        program = ctx.timed("lower_executorch", lower, peft_model, *args)
-        program.write(ctx.writer.path(spec.r, kind))
-        ctx.et_store.add(program.foundation)
+        pte, data = ctx.writer.path(spec.r, kind), ctx.et_parts / f"rank-{spec.r}-{kind}.ptd"
+
+        def lower_to_files(lower: Any = lower, args: tuple[int, ...] = args, pte: Any = pte,
+                           data: Any = data) -> None:
+            program = lower(peft_model, *args)
+            program.write(pte)
+            if program.foundation is not None:
+                data.write_bytes(program.foundation)
+
+        ctx.timed("lower_executorch", run_forked, lower_to_files, f"rank {spec.r}: lowering the {kind} program")
+        if data.exists():
+            ctx.et_store.add_file(data)
 
 
 def verify_executorch_rank(ctx: RankContext, peft_model: Any, spec: LoraSpec) -> list[Check]:

@@ -179,6 +179,48 @@ def test_one_foundation_for_every_rank_and_kind(built):
         assert made[r].inference_pte.stat().st_size < expected / 2
 
 
+def test_foundation_from_files_equals_foundation_from_blobs(built, tmp_path):
+    from export.executorch import FoundationStore
+
+    made, foundation, _ = built
+    store = FoundationStore()
+    parts = []
+    for r in RANKS:
+        for kind in ("inference", "training"):
+            part = tmp_path / f"r{r}-{kind}.ptd"
+            part.write_bytes(getattr(made[r], kind).foundation)
+            parts.append((part, store.add_file(part)))
+    assert parts[0][1] > 0 and all(added == 0 for _, added in parts[1:])
+    assert parts[0][0].exists()  # its segments are the foundation: kept until written
+    assert not any(p.exists() for p, _ in parts[1:])  # repeats are deleted at once
+    merged = store.write(tmp_path / "merged.ptd")
+    assert merged.read_bytes() == foundation.read_bytes()  # the same file as from blobs in memory
+    bad = tmp_path / "bad.ptd"
+    bad.write_bytes(b"\0" * 64)
+    with pytest.raises(ExportError, match="not an ExecuTorch data file"):
+        store.add_file(bad)
+
+
+def test_run_forked_returns_memory_and_reports_errors(tmp_path):
+    import os
+
+    from export.forked import run_forked
+
+    out = tmp_path / "pid"
+    run_forked(lambda: out.write_text(str(os.getpid())), "writing a file")
+    assert int(out.read_text()) != os.getpid()  # it ran in another process
+
+    def fail() -> None:
+        raise ExportError("the lowering failed here")
+
+    with pytest.raises(ExportError, match="^lowering a program failed: the lowering failed here$"):
+        run_forked(fail, "lowering a program")
+    with pytest.raises(ExportError, match="killed by SIGKILL"):
+        run_forked(lambda: os.kill(os.getpid(), 9), "a step")
+    with pytest.raises(ExportError, match="ZeroDivisionError"):
+        run_forked(lambda: print(1 / 0), "dividing")
+
+
 def test_foundation_rejects_another_model(built):
     from executorch.exir._serialize._cord import Cord
     from executorch.extension.flat_tensor.serialize.serialize import FlatTensorSerializer

@@ -34,7 +34,7 @@ from torch.export import ExportedProgram, export
 
 from export.errors import ExportError
 from export.executorch.files import write_atomic
-from export.executorch.partition import FrozenWeightsXnnpackPartitioner, pinned_placeholders
+from export.executorch.partition import ContiguousXnnpackPartitioner, pinned_placeholders, sort_graph_once
 from export.executorch.spec import LORA_METHOD, LoraSpec
 from export.executorch.wrappers import (
     LORA_STATE,
@@ -79,11 +79,12 @@ def lower_inference(peft_model: Any, seq_len: int) -> LoweredProgram:
         setter = export(SetLora(state), tuple(t.clone() for t in state.tensors()), strict=False)
         getter = export(GetLora(state), (), strict=False)
     methods = {"forward": forward, "set_lora": setter, "get_lora": getter}
-    edge = to_edge_transform_and_lower(
-        methods,
-        partitioner={"forward": [FrozenWeightsXnnpackPartitioner(pinned)], "set_lora": [], "get_lora": []},
-        constant_methods={LORA_METHOD: spec.to_json()},
-    )
+    with sort_graph_once():
+        edge = to_edge_transform_and_lower(
+            methods,
+            partitioner={"forward": [ContiguousXnnpackPartitioner(pinned)], "set_lora": [], "get_lora": []},
+            constant_methods={LORA_METHOD: spec.to_json()},
+        )
     config = ExecutorchBackendConfig(
         passes=[InitializedMutableBufferPass([LORA_STATE_PREFIX])],  # ship the factors as the state's initial value
         external_constants=foundation_tagger(edge, pinned),

@@ -117,6 +117,50 @@ def mm_to_linear(ep: ExportedProgram) -> int:
     return _finish(ep, changed)
 
 
+def drop_identity_ops(ep: ExportedProgram) -> int:
+    """Remove ops that return their input unchanged; each would be a full copy per step in ExecuTorch.
+
+    Before::
+
+        a  = aten.alias.default(x)                    # autograd's saved-tensor alias
+        p1 = aten.pow.Tensor_Scalar(x, 1.0)           # d/dx x² = 2·x¹
+        e  = aten.expand.default(x, [1, 9, 32, 64])   # x is already (1, 9, 32, 64)
+        t  = aten.permute.default(x, [0, 1, 2])
+        y  = aten.mul.Tensor(p1, g)
+
+    After::
+
+        y  = aten.mul.Tensor(x, g)
+
+    An op whose result is a graph output is kept (ExecuTorch plans outputs in their own memory).
+    """
+    aten = torch.ops.aten
+    graph = ep.graph_module.graph
+    changed = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or not node.args or not isinstance(node.args[0], torch.fx.Node):
+            continue
+        src = node.args[0]
+        if any(u.op == "output" for u in node.users) or not _same_tensor_meta(node, src):
+            continue
+        t = node.target
+        identity = (t == aten.alias.default
+                    or (t == aten.pow.Tensor_Scalar and node.args[1] == 1)
+                    or (t == aten.expand.default and list(node.args[1]) == list(src.meta["val"].shape))
+                    or (t == aten.permute.default and list(node.args[1]) == list(range(len(node.args[1])))))
+        if identity:
+            node.replace_all_uses_with(src)
+            graph.erase_node(node)
+            changed += 1
+    return _finish(ep, changed)
+
+
+def _same_tensor_meta(node: torch.fx.Node, src: torch.fx.Node) -> bool:
+    a, b = node.meta.get("val"), src.meta.get("val")
+    return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and \
+        a.dtype == b.dtype and a.stride() == b.stride()
+
+
 def _is_permute(node: object) -> bool:
     return isinstance(node, torch.fx.Node) and node.op == "call_function" and \
         node.target == torch.ops.aten.permute.default

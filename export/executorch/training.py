@@ -8,9 +8,16 @@ gradients and the LoRA parameters, as ``executorch.extension.training.TrainingMo
 * ``"linear"`` — the same after the graph rewrites of :mod:`export.executorch.passes`, which drop the weight
   transposes autograd leaves in the graph (ExecuTorch has no views: each is a full ``permute_copy`` per step)
   and keep ``linear`` undecomposed;
-* ``"xnnpack"`` (default) — the rewrites, then every matrix product with a frozen weight (forward ``linear``
-  and backward ``mm``) delegated to XNNPACK, one partition per product, weights stored in the foundation
-  file under the same keys as the inference program's. LoRA factors stay in ExecuTorch memory.
+* ``"gemm"`` — the rewrites, then every matrix product with a frozen weight (forward ``linear`` and backward
+  ``mm``) delegated to XNNPACK, weights stored in the foundation file under the same keys as the inference
+  program's;
+* ``"xnnpack"`` (default) — the rewrites, then the matrix products and the element-wise and layout ops of the
+  forward and backward delegated to XNNPACK in partitions as large as the graph allows
+  (:class:`export.executorch.partition.ContiguousXnnpackPartitioner`). The LoRA factors and every op reading
+  them stay in ExecuTorch memory in both XNNPACK lowerings: a training step or ``set_adapter`` changes them.
+
+Measured on SmolLM2-135M (``bench/executorch_training.py``, docs/BENCHMARKS.md): the portable lowering is
+several times slower than eager PyTorch; ``"xnnpack"`` is faster than eager.
 """
 
 from __future__ import annotations
@@ -26,13 +33,15 @@ from torch.export.experimental import _export_forward_backward
 from export.errors import ExportError
 from export.executorch.lower import FOUNDATION_TAG, LoweredProgram, check_positive, foundation_tagger, serialize
 from export.executorch.partition import (
-    GemmXnnpackPartitioner,
-    check_topological,
+    DECODER_CONFIGS,
+    GEMM_CONFIGS,
+    ContiguousXnnpackPartitioner,
     pinned_placeholders,
     sort_graph_once,
 )
 from export.executorch.passes import (
     cancel_transpose_pairs,
+    drop_identity_ops,
     mm_to_linear,
     replace_empty_permuted,
     tag_delegate_constants,
@@ -41,8 +50,8 @@ from export.executorch.passes import (
 from export.executorch.spec import LORA_METHOD, LoraSpec
 from export.executorch.wrappers import WRAPPED, CausalLMLoss, lora_parameter_names
 
-TrainingBackend = Literal["portable", "linear", "xnnpack"]
-BACKENDS: tuple[TrainingBackend, ...] = ("portable", "linear", "xnnpack")
+TrainingBackend = Literal["portable", "linear", "gemm", "xnnpack"]
+BACKENDS: tuple[TrainingBackend, ...] = ("portable", "linear", "gemm", "xnnpack")
 
 
 @dataclass(frozen=True)
@@ -73,18 +82,19 @@ def lower_training(peft_model: Any, batch_size: int, seq_len: int,
     pinned = {f"{WRAPPED}.{n}" for n in names}
     preserve: list[torch._ops.OpOverload] = []
     if lowering.backend != "portable":
+        drop_identity_ops(ep)
         cancel_transpose_pairs(ep)
         mm_to_linear(ep)
         preserve = [torch.ops.aten.linear.default]
     edge = to_edge(ep, compile_config=EdgeCompileConfig(_check_ir_validity=False, preserve_ops=preserve),
                    constant_methods={LORA_METHOD: spec.to_json()})
-    if lowering.backend == "xnnpack":
+    if lowering.backend in ("gemm", "xnnpack"):
         joint = edge.exported_program()
         inside = pinned_placeholders(joint, pinned)
         unshare_constants(joint, keep_inside=inside)
         tag_delegate_constants(joint, FOUNDATION_TAG, keep_inside=inside)
+        configs = DECODER_CONFIGS if lowering.backend == "xnnpack" else GEMM_CONFIGS
         with sort_graph_once():
-            edge = edge.to_backend(GemmXnnpackPartitioner(pinned))
-        check_topological(edge.exported_program())
+            edge = edge.to_backend(ContiguousXnnpackPartitioner(pinned, configs))
     config = ExecutorchBackendConfig(external_constants=foundation_tagger(edge, pinned))
     return serialize("training", edge.to_executorch(config), spec, (batch_size, seq_len))
