@@ -5,9 +5,10 @@
     PYTHONPATH=. .venv/bin/python bench/export.py export --model random:llama-3.2-1b --ranks 8 --out /tmp/pkg1b \
         --limit-gb 16
 
-``export`` runs ``lorafleet export`` in a child process and reports wall time, peak RSS (the child's whole
-process tree, sampled every 0.2 s; the export is killed if it passes ``--limit-gb``, and the last stage it
-logged is reported as the point of failure) and the package size split into shared foundations and per-rank
+``export`` runs ``lorafleet export`` in a child process and reports wall time, peak memory (PSS summed over
+the child's whole process tree, sampled every 0.2 s, and the tree's RSS, which counts pages a forked lowering
+process shares with its parent twice; the export is killed if its PSS passes ``--limit-gb``, and the last
+stage it logged is reported as the point of failure) and the package size split into shared foundations and per-rank
 files. ``steps`` times one training step (forward, backward, AdamW) per rank and runtime — eager PyTorch +
 PEFT (the reference), ONNX Runtime training, the ExecuTorch training program + host AdamW — on the package's
 batch shape: 2 warm-up steps, then the median of ``--steps``. Results are printed and appended as JSON lines
@@ -32,12 +33,15 @@ from typing import Any
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 
-def _tree_rss(proc: Any) -> int:
-    total = 0
+def _tree_memory(proc: Any) -> tuple[int, int]:
+    """(PSS, RSS) summed over the process tree. The export lowers each ExecuTorch program in a forked child
+    that shares the parent's pages copy-on-write: RSS counts those twice, PSS (proportional set size) once."""
+    pss = rss = 0
     for p in [proc, *proc.children(recursive=True)]:
         with contextlib.suppress(Exception):  # a child that just exited
-            total += p.memory_info().rss
-    return total
+            info = p.memory_full_info()  # /proc/PID/smaps_rollup
+            pss, rss = pss + info.pss, rss + info.rss
+    return pss, rss
 
 
 def bench_export(args: argparse.Namespace) -> dict[str, Any]:
@@ -50,9 +54,10 @@ def bench_export(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     with open(log_path, "w") as log:
         child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": "."})
-        proc, peak, killed = psutil.Process(child.pid), 0, False
+        proc, peak, peak_rss, killed = psutil.Process(child.pid), 0, 0, False
         while child.poll() is None:
-            peak = max(peak, _tree_rss(proc))
+            pss, rss = _tree_memory(proc)
+            peak, peak_rss = max(peak, pss), max(peak_rss, rss)
             if peak > args.limit_gb * 2**30:
                 child.kill()
                 killed = True
@@ -65,7 +70,8 @@ def bench_export(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {
         "kind": "export", "model": args.model, "ranks": args.ranks, "runtimes": args.runtimes,
         "seq_len": args.seq_len, "batch_size": args.batch_size, "wall_s": round(wall, 1),
-        "peak_rss_gb": round(peak / 2**30, 2), "returncode": child.returncode, "killed_over_limit_gb": killed,
+        "peak_pss_gb": round(peak / 2**30, 2), "peak_tree_rss_gb": round(peak_rss / 2**30, 2),
+        "returncode": child.returncode, "killed_over_limit_gb": killed,
         "last_stage": stages[-1] if stages else None,
         "error": next((ln for ln in reversed(lines) if ln.startswith("lorafleet: error")), None),
         "stage_seconds": next((ln for ln in lines if ln.startswith("stage seconds")), None),

@@ -190,8 +190,8 @@ def _decision_cache(settings: NodeSettings, pkg: Package, backend: str, budgets:
 
 def resolve_backend(settings: NodeSettings, pkg: Package) -> str:
     """``settings.backend``, or for ``auto``: the first of the profile's runtimes the package has, and for a
-    measured device ONNX Runtime before ExecuTorch (ORT trained 1.65x faster than eager torch on SmolLM2-135M,
-    the plain ExecuTorch training program 6.9x slower; docs/STACK.md)."""
+    measured device ONNX Runtime before ExecuTorch (both train faster than eager torch on SmolLM2-135M, ORT
+    1.45-1.64x, ExecuTorch 1.42-1.71x; ORT artifacts are what Jetson-class boards run; docs/BENCHMARKS.md)."""
     if settings.backend != "auto":
         return settings.backend
     have = [RUNTIME_BACKENDS[rt] for rt in ("onnx", "executorch") if rt in pkg.manifest.runtimes]

@@ -59,15 +59,12 @@ def lower_executorch_rank(ctx: RankContext, peft_model: Any, spec: LoraSpec) -> 
 
     assert ctx.et_store is not None and ctx.et_parts is not None
     for kind, lower, args in (("executorch_inference", lower_inference, (ctx.cfg.seq_len,)),
-                              ("executorch_training", lower_training, (ctx.cfg.batch_size, ctx.cfg.seq_len))):
+                              ("executorch_training", lower_training, (ctx.cfg.batch_size, ctx.cfg.seq_len, None))):
         pte, data = ctx.writer.path(spec.r, kind), ctx.et_parts / f"rank-{spec.r}-{kind}.ptd"
 
-        def lower_to_files(lower: Any = lower, args: tuple[int, ...] = args, pte: Any = pte,
+        def lower_to_files(lower: Any = lower, args: tuple[Any, ...] = args, pte: Any = pte,
                            data: Any = data) -> None:
-            program = lower(peft_model, *args)
-            program.write(pte)
-            if program.foundation is not None:
-                data.write_bytes(program.foundation)
+            lower(peft_model, *args, data_path=data).write(pte)
 
         ctx.timed("lower_executorch", run_forked, lower_to_files, f"rank {spec.r}: lowering the {kind} program")
         if data.exists():

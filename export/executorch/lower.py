@@ -34,7 +34,12 @@ from torch.export import ExportedProgram, export
 
 from export.errors import ExportError
 from export.executorch.files import write_atomic
-from export.executorch.partition import ContiguousXnnpackPartitioner, pinned_placeholders, sort_graph_once
+from export.executorch.partition import (
+    ContiguousXnnpackPartitioner,
+    pinned_placeholders,
+    sort_graph_once,
+    weights_shared_across_partitions,
+)
 from export.executorch.spec import LORA_METHOD, LoraSpec
 from export.executorch.wrappers import (
     LORA_STATE,
@@ -56,17 +61,21 @@ class LoweredProgram:
 
     kind: ProgramKind
     pte: bytes
-    foundation: bytes | None
+    foundation: bytes | None  # None when there is none, or when it went to ``foundation_path``
     lora: LoraSpec
     input_shape: tuple[int, int]  # (B, T) of input_ids (and labels)
+    foundation_path: Path | None = None  # where it was written, when lowered with ``data_path``
 
     def write(self, path: str | Path) -> Path:
         """Write the ``.pte`` atomically; the foundation is written once for all programs by a FoundationStore."""
         return write_atomic(path, self.pte)
 
 
-def lower_inference(peft_model: Any, seq_len: int) -> LoweredProgram:
-    """Compile ``forward(input_ids (1, seq_len)) -> logits``, ``set_lora``, ``get_lora`` (XNNPACK, fp32)."""
+def lower_inference(peft_model: Any, seq_len: int, data_path: str | Path | None = None) -> LoweredProgram:
+    """Compile ``forward(input_ids (1, seq_len)) -> logits``, ``set_lora``, ``get_lora`` (XNNPACK, fp32).
+
+    With ``data_path`` the frozen weights' data file is written there instead of being returned in memory.
+    """
     check_positive(seq_len=seq_len)
     names = lora_parameter_names(peft_model)
     spec = LoraSpec.from_peft(peft_model, names)
@@ -79,7 +88,7 @@ def lower_inference(peft_model: Any, seq_len: int) -> LoweredProgram:
         setter = export(SetLora(state), tuple(t.clone() for t in state.tensors()), strict=False)
         getter = export(GetLora(state), (), strict=False)
     methods = {"forward": forward, "set_lora": setter, "get_lora": getter}
-    with sort_graph_once():
+    with sort_graph_once(), weights_shared_across_partitions():
         edge = to_edge_transform_and_lower(
             methods,
             partitioner={"forward": [ContiguousXnnpackPartitioner(pinned)], "set_lora": [], "get_lora": []},
@@ -91,7 +100,7 @@ def lower_inference(peft_model: Any, seq_len: int) -> LoweredProgram:
         memory_planning_pass=MemoryPlanningPass(share_mutable_buffers=True),
         emit_mutable_buffer_names=True,
     )
-    return serialize("inference", edge.to_executorch(config), spec, (1, seq_len))
+    return serialize("inference", edge.to_executorch(config), spec, (1, seq_len), data_path)
 
 
 # --- stages ---------------------------------------------------------------------------------------------
@@ -116,16 +125,23 @@ def foundation_tagger(edge: EdgeProgramManager, pinned: set[str]) -> Callable[[t
     return lambda node: None if node.name in inside else FOUNDATION_TAG
 
 
-def serialize(kind: ProgramKind, et: ExecutorchProgramManager, spec: LoraSpec,
-               shape: tuple[int, int]) -> LoweredProgram:
-    with tempfile.TemporaryDirectory(prefix="lorafleet-ptd-") as tmp:
+def serialize(kind: ProgramKind, et: ExecutorchProgramManager, spec: LoraSpec, shape: tuple[int, int],
+              data_path: str | Path | None = None) -> LoweredProgram:
+    """The program's bytes and its foundation data: in memory, or moved to ``data_path`` (never read back: a
+    1B model's is gigabytes)."""
+    where = Path(data_path).parent if data_path is not None else None
+    with tempfile.TemporaryDirectory(prefix="lorafleet-ptd-", dir=where) as tmp:
         if et._tensor_data:  # no public accessor; write_tensor_data_to_file asserts when there is no data
             et.write_tensor_data_to_file(tmp)
         files = {p.stem: p for p in Path(tmp).glob("*.ptd")}
         if set(files) - {FOUNDATION_TAG}:
             raise ExportError(f"unexpected data files from ExecuTorch: {sorted(files)}")
-        foundation = files[FOUNDATION_TAG].read_bytes() if FOUNDATION_TAG in files else None
-    return LoweredProgram(kind, et.buffer, foundation, spec, shape)
+        if FOUNDATION_TAG not in files:
+            return LoweredProgram(kind, et.buffer, None, spec, shape)
+        if data_path is None:
+            return LoweredProgram(kind, et.buffer, files[FOUNDATION_TAG].read_bytes(), spec, shape)
+        files[FOUNDATION_TAG].replace(data_path)
+        return LoweredProgram(kind, et.buffer, None, spec, shape, Path(data_path))
 
 
 def check_positive(**values: int) -> None:

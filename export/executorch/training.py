@@ -23,6 +23,7 @@ several times slower than eager PyTorch; ``"xnnpack"`` is faster than eager.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -38,6 +39,7 @@ from export.executorch.partition import (
     ContiguousXnnpackPartitioner,
     pinned_placeholders,
     sort_graph_once,
+    weights_shared_across_partitions,
 )
 from export.executorch.passes import (
     cancel_transpose_pairs,
@@ -65,9 +67,12 @@ class TrainingLowering:
             raise ExportError(f"TrainingLowering.backend must be one of {BACKENDS}, got {self.backend!r}")
 
 
-def lower_training(peft_model: Any, batch_size: int, seq_len: int,
-                   lowering: TrainingLowering | None = None) -> LoweredProgram:
-    """Compile the joint forward+backward ``forward(input_ids, labels) -> loss`` for batches (B, T)."""
+def lower_training(peft_model: Any, batch_size: int, seq_len: int, lowering: TrainingLowering | None = None,
+                   data_path: str | Path | None = None) -> LoweredProgram:
+    """Compile the joint forward+backward ``forward(input_ids, labels) -> loss`` for batches (B, T).
+
+    With ``data_path`` the frozen weights' data file is written there instead of being returned in memory.
+    """
     lowering = lowering or TrainingLowering()
     check_positive(batch_size=batch_size, seq_len=seq_len)
     names = lora_parameter_names(peft_model)
@@ -94,7 +99,7 @@ def lower_training(peft_model: Any, batch_size: int, seq_len: int,
         unshare_constants(joint, keep_inside=inside)
         tag_delegate_constants(joint, FOUNDATION_TAG, keep_inside=inside)
         configs = DECODER_CONFIGS if lowering.backend == "xnnpack" else GEMM_CONFIGS
-        with sort_graph_once():
+        with sort_graph_once(), weights_shared_across_partitions():
             edge = edge.to_backend(ContiguousXnnpackPartitioner(pinned, configs))
     config = ExecutorchBackendConfig(external_constants=foundation_tagger(edge, pinned))
-    return serialize("training", edge.to_executorch(config), spec, (batch_size, seq_len))
+    return serialize("training", edge.to_executorch(config), spec, (batch_size, seq_len), data_path)
