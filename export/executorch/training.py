@@ -12,12 +12,12 @@ gradients and the LoRA parameters, as ``executorch.extension.training.TrainingMo
   ``mm``) delegated to XNNPACK, weights stored in the foundation file under the same keys as the inference
   program's;
 * ``"xnnpack"`` (default) — the rewrites, then the matrix products and the element-wise and layout ops of the
-  forward and backward delegated to XNNPACK in partitions as large as the graph allows
+  forward and backward delegated to XNNPACK, each run of consecutive supported ops one partition
   (:class:`export.executorch.partition.ContiguousXnnpackPartitioner`). The LoRA factors and every op reading
   them stay in ExecuTorch memory in both XNNPACK lowerings: a training step or ``set_adapter`` changes them.
 
-Measured on SmolLM2-135M (``bench/executorch_training.py``, docs/BENCHMARKS.md): the portable lowering is
-several times slower than eager PyTorch; ``"xnnpack"`` is faster than eager.
+Measured on SmolLM2-135M against eager PyTorch on the same CPU (docs/BENCHMARKS.md): ``"portable"`` 0.15×,
+``"gemm"`` 0.92–1.08×, ``"xnnpack"`` 1.42–1.71× (faster than eager).
 """
 
 from __future__ import annotations
