@@ -61,10 +61,9 @@ class LoweredProgram:
 
     kind: ProgramKind
     pte: bytes
-    foundation: bytes | None  # None when there is none, or when it went to ``foundation_path``
+    foundation: bytes | None  # None when there is none, or when it was written to the lowering's ``data_path``
     lora: LoraSpec
     input_shape: tuple[int, int]  # (B, T) of input_ids (and labels)
-    foundation_path: Path | None = None  # where it was written, when lowered with ``data_path``
 
     def write(self, path: str | Path) -> Path:
         """Write the ``.pte`` atomically; the foundation is written once for all programs by a FoundationStore."""
@@ -141,7 +140,7 @@ def serialize(kind: ProgramKind, et: ExecutorchProgramManager, spec: LoraSpec, s
         if data_path is None:
             return LoweredProgram(kind, et.buffer, files[FOUNDATION_TAG].read_bytes(), spec, shape)
         files[FOUNDATION_TAG].replace(data_path)
-        return LoweredProgram(kind, et.buffer, None, spec, shape, Path(data_path))
+        return LoweredProgram(kind, et.buffer, None, spec, shape)
 
 
 def check_positive(**values: int) -> None:
