@@ -250,6 +250,18 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, poll: floa
     raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+def messages_received(node_log: str, kind: str = "train") -> int:
+    """How many ``kind`` messages a SuperNode's log says it pulled completely ("Receiving: train message"
+    followed by "Received successfully", not "Failed to receive")."""
+    count, pending = 0, False
+    for line in node_log.splitlines():
+        if "Receiving: " in line:
+            pending = f"Receiving: {kind} message" in line
+        elif "Received successfully" in line and pending:
+            count, pending = count + 1, False
+    return count
+
+
 def read_state(state_dir: Path) -> dict[str, Any] | None:
     path = state_dir / "state.json"
     try:

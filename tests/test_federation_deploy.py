@@ -18,7 +18,6 @@ import os
 import signal
 import socket
 import subprocess
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -30,6 +29,7 @@ from fed_helpers import (
     flower,
     lorafleet,
     make_tls,
+    messages_received,
     process_env,
     profile_for_rank,
     read_state,
@@ -172,7 +172,12 @@ def serve_run(fleet):
             "--node-config", 'fault="nan"', "--port", str(free_port())),
             env={"PYTHONPATH": bad_path, "FLWR_HOME": str(fleet.root / "home-plaintext")})
         wait_for(lambda: (read_state(state) or {}).get("round") == 1, 300, "round 1 to complete")
-        time.sleep(1.0)  # round 2's messages are out
+        # The kill lands once every device holds its round-2 message, not while one is pulling it: a SuperNode
+        # cut off mid-pull retries the dead run's objects for up to PULL_MAX_TIME (2 h) and misses the resumed
+        # round (seen on CI as the NaN device dropped for "no reply within the round timeout").
+        nodes = [f"client-{i}" for i in range(3)] + [f"bad-{fault}" for fault in FAULTS]
+        wait_for(lambda: all(messages_received(procs.log(n)) >= 2 for n in nodes), 300,
+                 "every device to receive its round-2 message")
         os.kill(server.pid, signal.SIGKILL)
         server.wait(10)
         round_at_kill = read_state(state)["round"]
