@@ -174,7 +174,7 @@ def serve_run(fleet):
         wait_for(lambda: (read_state(state) or {}).get("round") == 1, 300, "round 1 to complete")
         # The kill lands once every device holds its round-2 message, not while one is pulling it: a SuperNode
         # cut off mid-pull retries the dead run's objects for up to PULL_MAX_TIME (2 h) and misses the resumed
-        # round (seen on CI as the NaN device dropped for "no reply within the round timeout").
+        # round (the likely reason CI once saw the NaN device dropped for no reply within the round timeout).
         nodes = [f"client-{i}" for i in range(3)] + [f"bad-{fault}" for fault in FAULTS]
         wait_for(lambda: all(messages_received(procs.log(n)) >= 2 for n in nodes), 300,
                  "every device to receive its round-2 message")
