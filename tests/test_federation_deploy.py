@@ -176,7 +176,7 @@ def serve_run(fleet):
         # cut off mid-pull retries the dead run's objects for up to PULL_MAX_TIME (2 h) and misses the resumed
         # round (the likely reason CI once saw the NaN device dropped for no reply within the round timeout).
         nodes = [f"client-{i}" for i in range(3)] + [f"bad-{fault}" for fault in FAULTS]
-        wait_for(lambda: all(messages_received(procs.log(n)) >= 2 for n in nodes), 300,
+        wait_for(lambda: all(messages_received(procs.log(n)) >= 2 for n in nodes), 300,  # rounds 1 and 2
                  "every device to receive its round-2 message")
         os.kill(server.pid, signal.SIGKILL)
         server.wait(10)
