@@ -15,6 +15,8 @@ Server-side time per round, the sum of:
 * encode    — deflating the outgoing messages (what the ServerApp does to push them);
 * decode    — inflating the replies (what it does to pull them);
 * validation, aggregation — :mod:`server.validation` on every reply, then the method's aggregation;
+* bounds, finite_check — the trust checks of :mod:`server.replies`: every reply's weight change against the
+  adapter it was sent (and the example cap), and the aggregate's finiteness before it is accepted;
 * checkpoint — writing ``global/`` and ``state.json`` atomically.
 The devices' own work, the network and the SuperLink process (which stores and forwards the same objects)
 are not included; the last round is reported (the first also holds the one-off rank query).
@@ -160,7 +162,8 @@ def run_method(package: Path, method: str, replies: int, ranks: list[int], round
         strategy.round_offset = strategy.state.round
         h = strategy.state.history[-1]
         parts = {"configure": h["seconds"]["configure"], "encode": grid.encode_s, "decode": grid.decode_s,
-                 "validation": h["seconds"]["validation"], "aggregation": h["seconds"]["aggregation"],
+                 "validation": h["seconds"]["validation"], "bounds": h["seconds"]["bounds"],
+                 "aggregation": h["seconds"]["aggregation"], "finite_check": h["seconds"]["finite_check"],
                  "checkpoint": saves[-1]}
         per_round.append({"round": h["round"], "valid": len(h["valid"]), "seconds": parts,
                           "server_seconds": sum(parts.values()), "bytes": list(grid.bytes)})
@@ -203,8 +206,10 @@ def main() -> None:
                 del r["bytes"]
             results["methods"][method] = res
             parts = ", ".join(f"{k} {v:.2f}" for k, v in last["seconds"].items())
+            checks = last["seconds"]["bounds"] + last["seconds"]["finite_check"]
             print(f"{method}: round {last['round']}: {last['valid']} valid replies, server "
-                  f"{last['server_seconds']:.2f} s ({parts})", flush=True)
+                  f"{last['server_seconds']:.2f} s ({parts}); trust checks {checks:.3f} s = "
+                  f"{100 * checks / last['seconds']['aggregation']:.1f} % of the aggregation", flush=True)
             for r, b in res["bytes_by_rank"].items():
                 print(f"  rank {r}: adapter {b['adapter_fp32'] / 1e6:.3f} MB, down {b['down'] / 1e6:.3f} MB, "
                       f"up {b['up'] / 1e6:.3f} MB")

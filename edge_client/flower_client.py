@@ -220,7 +220,8 @@ def handle_train(message: Message, context: Context, settings: NodeSettings) -> 
     pkg = _open(settings)
     received = received_adapter(message, config, pkg)
     examples = read_jsonl(settings.data).examples
-    prune = SelfPruneConfig(gamma=float(config[P.PRUNE_GAMMA])) if config.get(P.SELF_PRUNE) else False
+    prune = (SelfPruneConfig(gamma=float(config[P.PRUNE_GAMMA]), lam=float(config.get(P.PRUNE_LAMBDA, 1.0)))
+             if config.get(P.SELF_PRUNE) else False)
     start = time.perf_counter()
     result = train_local(pkg, received.r, resolve_backend(settings, pkg), examples, initial_adapter=received,
                          steps=int(config[P.LOCAL_STEPS]), batch_size=int(config[P.BATCH_SIZE]) or None,

@@ -33,6 +33,11 @@ NUMERIC_FIELDS: dict[str, type] = {
     "network_down_mbps": float,
     "availability": float,
 }
+# The largest value any device (a host included) can plausibly have: larger ones are typos or attacks
+MAXIMA: dict[str, float] = {
+    "memory_total_gib": 1 << 16, "app_memory_gib": 1 << 16, "cpu_cores": 1 << 12, "sustained_gflops": 1e7,
+    "memory_bandwidth_gbs": 1e5, "network_up_mbps": 1e7, "network_down_mbps": 1e7, "availability": 1.0,
+}
 REQUIRED = ("name", "kind", *NUMERIC_FIELDS, "runtimes", "sources")
 OPTIONAL = ("notes",)
 
@@ -122,6 +127,8 @@ def parse_profile(data: dict[str, Any], *, origin: str = "profile", path: Path |
         raise fail("kind", f"must be one of {', '.join(KINDS)}, got {data['kind']!r}")
     for name, kind in NUMERIC_FIELDS.items():
         values[name] = _number(data[name], kind, lambda p, n=name: fail(n, p))
+        if values[name] > MAXIMA[name] and name != "availability":
+            raise fail(name, f"must be at most {MAXIMA[name]:g}, got {values[name]!r}")
     _check_ranges(values, fail)
     runtimes = _runtimes(data["runtimes"], lambda p: fail("runtimes", p))
     sources = _sources(data["sources"], fail)

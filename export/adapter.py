@@ -7,7 +7,11 @@ target module, each carrying its own PEFT scaling (``lora_alpha / r``, or ``lora
 rsLoRA, ``rank_pattern`` / ``alpha_pattern`` respected), so ΔW = scaling · B @ A is always explicit.
 
 Client adapters are untrusted: only safetensors is read (a directory holding only ``adapter_model.bin``
-is refused, never unpickled), every key must be a LoRA factor, shapes must agree, values must be finite.
+is refused, never unpickled), every key must be a LoRA factor stored once, shapes must agree, values must be
+finite, and the config must mean what PEFT will make of it: every module covered by ``target_modules`` (else
+PEFT silently ignores its weights), no ``modules_to_save`` (an adapter of LoRA factors only), ``lora_alpha``
+defaulting to PEFT's 8. Config patterns are regular expressions matched as PEFT matches them, each match
+bounded in time (:data:`PATTERN_TIMEOUT`), so a pathological pattern is an error, not a hang.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_FILE = "adapter_model.bin"
 PEFT_PREFIX = "base_model.model."
+PEFT_DEFAULT_ALPHA = 8  # peft.LoraConfig.lora_alpha's default
+PATTERN_TIMEOUT = 1.0  # seconds one config pattern may take to match one module name
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[A-Za-z0-9_-]+)?\.weight$")
 
 
@@ -110,15 +116,16 @@ def peft_config(target_modules: list[str], r: int, lora_alpha: float, *, use_rsl
 
 
 def module_rank_alpha(config: dict[str, Any], module: str) -> tuple[int, float]:
-    """The ``(r, lora_alpha)`` PEFT assigns to ``module`` under ``config`` (patterns matched as PEFT does)."""
+    """The ``(r, lora_alpha)`` PEFT assigns to ``module`` under ``config`` (patterns matched as PEFT does:
+    ``peft.utils.other.get_pattern_key``)."""
     r = config.get("r")
-    alpha = config.get("lora_alpha", r)
-    for key, value in (config.get("rank_pattern") or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
+    alpha = config.get("lora_alpha", PEFT_DEFAULT_ALPHA)
+    for key, value in _patterns(config, "rank_pattern").items():
+        if _match(rf"(.*\.)?({key})$", module, "rank_pattern", key, full=False):
             r = value
             break
-    for key, value in (config.get("alpha_pattern") or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
+    for key, value in _patterns(config, "alpha_pattern").items():
+        if _match(rf"(.*\.)?({key})$", module, "alpha_pattern", key, full=False):
             alpha = value
             break
     if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
@@ -126,6 +133,51 @@ def module_rank_alpha(config: dict[str, Any], module: str) -> tuple[int, float]:
     if not isinstance(alpha, int | float) or isinstance(alpha, bool) or not math.isfinite(alpha) or alpha <= 0:
         raise AdapterError(f"adapter_config.json: lora_alpha must be a positive number, got {alpha!r}")
     return r, float(alpha)
+
+
+def covered(config: dict[str, Any], module: str) -> bool:
+    """Whether PEFT would put LoRA on ``module`` under ``config``'s ``target_modules`` / ``exclude_modules``
+    (``peft.tuners.tuners_utils.check_target_module_exists``: a string is a full-match regular expression, a
+    list names modules exactly or by their last dotted parts)."""
+    if _selects(config.get("exclude_modules"), module, "exclude_modules"):
+        return False
+    targets = config.get("target_modules")
+    if targets == "all-linear":
+        return module.rsplit(".", 1)[-1] != "lm_head"
+    return _selects(targets, module, "target_modules")
+
+
+def _selects(spec: Any, module: str, field_name: str) -> bool:
+    if not spec:
+        return False
+    if isinstance(spec, str):
+        return _match(spec, module, field_name, spec, full=True)
+    if not isinstance(spec, list | tuple) or not all(isinstance(t, str) for t in spec):
+        raise AdapterError(f"adapter_config.json: {field_name} must be a string or a list of names, got {spec!r}")
+    return module in spec or any(module.endswith(f".{t}") for t in spec)
+
+
+def _patterns(config: dict[str, Any], field_name: str) -> dict[str, Any]:
+    value = config.get(field_name) or {}
+    if not isinstance(value, dict):
+        raise AdapterError(f"adapter_config.json: {field_name} must be an object, got {value!r}")
+    return value
+
+
+def _match(pattern: str, text: str, field_name: str, key: str, *, full: bool) -> bool:
+    """A PEFT pattern match with a time bound; a bad or pathological pattern is an :class:`AdapterError`."""
+    import regex
+
+    try:
+        compiled = regex.compile(pattern)
+        found = (compiled.fullmatch if full else compiled.match)(text, timeout=PATTERN_TIMEOUT)
+    except regex.error as exc:
+        raise AdapterError(f"adapter_config.json: {field_name} {key!r} is not a valid regular expression "
+                           f"({exc})") from None
+    except TimeoutError:
+        raise AdapterError(f"adapter_config.json: {field_name} {key!r} took over {PATTERN_TIMEOUT:g} s to match "
+                           f"{text!r} (a pathological regular expression); refusing it") from None
+    return found is not None
 
 
 def weights_file(path: Path) -> Path:
@@ -156,13 +208,21 @@ def adapter_from_state_dict(tensors: StateDict, config: dict[str, Any], *, check
     import torch
 
     halves: dict[str, dict[str, torch.Tensor]] = {}
+    keys: dict[tuple[str, str], str] = {}
     for key, t in tensors.items():
         m = _KEY.match(key)
         if m is None:
             raise AdapterError(f"{origin}: unexpected tensor {key!r} (only lora_A/lora_B weights are accepted)")
+        if (m["module"], m["which"]) in keys:
+            raise AdapterError(f"{origin}: module {m['module']}'s lora_{m['which']} is stored under two keys "
+                               f"({keys[m['module'], m['which']]!r} and {key!r}); PEFT would load only one")
+        keys[m["module"], m["which"]] = key
         halves.setdefault(m["module"], {})[m["which"]] = t
     if not halves:
         raise AdapterError(f"{origin}: no LoRA tensors")
+    if config.get("modules_to_save"):
+        raise AdapterError(f"{origin}: modules_to_save {config['modules_to_save']!r} is not supported (lorafleet "
+                           f"adapters hold LoRA factors only)")
     use_rslora = bool(config.get("use_rslora", False))
     modules: dict[str, LoraPair] = {}
     for name in sorted(halves):
@@ -177,6 +237,9 @@ def adapter_from_state_dict(tensors: StateDict, config: dict[str, Any], *, check
             raise AdapterError(f"{origin}: module {name} is not floating point ({a.dtype}, {b.dtype})")
         if check_finite and not (torch.isfinite(a).all() and torch.isfinite(b).all()):
             raise AdapterError(f"{origin}: module {name} has NaN or Inf values")
+        if config.get("target_modules") is not None and not covered(config, name):
+            raise AdapterError(f"{origin}: module {name} is not covered by target_modules "
+                               f"{config.get('target_modules')!r}: PEFT would ignore its weights")
         r, alpha = module_rank_alpha(config, name)
         if r != a.shape[0]:
             raise AdapterError(f"{origin}: module {name} has rank {a.shape[0]} but its config says {r}")

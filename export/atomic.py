@@ -18,7 +18,8 @@ def atomic_dir(out: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
 
     On any exception the temporary directory is removed and ``out`` is untouched. With ``overwrite`` an
     existing ``out`` is replaced only after the new one is complete; without it, an existing ``out`` is an
-    error raised before any work is done.
+    error raised before any work is done — and one that appears while the block runs is left alone: the
+    final rename refuses to replace anything (``renameat2(RENAME_NOREPLACE)`` on Linux).
     """
     out = Path(out)
     if out.exists() and not overwrite:
@@ -31,16 +32,54 @@ def atomic_dir(out: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
         raise LorafleetError(f"cannot write to {parent}: {exc.strerror or exc}") from exc
     try:
         yield tmp
-        if out.exists():
+        if out.exists() and overwrite:
             old = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out.name}.old-"))
             os.replace(out, old / "x")
             os.replace(tmp, out)
             shutil.rmtree(old, ignore_errors=True)
         else:
-            os.replace(tmp, out)
+            rename_noreplace(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def rename_noreplace(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst`` unless ``dst`` exists (an empty directory included); raises otherwise."""
+    if _renameat2_noreplace(src, dst):
+        return
+    if dst.exists() or dst.is_symlink():  # no renameat2 here: a narrower check-then-rename window
+        raise _appeared(dst)
+    os.rename(src, dst)
+
+
+def _appeared(dst: Path) -> LorafleetError:
+    return LorafleetError(f"output {dst} appeared while it was being written; it was left untouched and the new "
+                          f"output was discarded")
+
+
+def _renameat2_noreplace(src: Path, dst: Path) -> bool:
+    """``renameat2(..., RENAME_NOREPLACE)``; ``False`` if this system has no such call (then nothing moved)."""
+    import ctypes
+    import errno
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_noreplace_flag = -100, 1
+    if renameat2(at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst), rename_noreplace_flag) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL):  # old kernel or a filesystem without the flag
+        return False
+    if err in (errno.EEXIST, errno.ENOTEMPTY):
+        raise _appeared(dst)
+    raise OSError(err, os.strerror(err), str(dst))
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -82,8 +82,9 @@ def attach_lora(model: Any, spec: LoraSpec, init: Adapter | None = None, *, seed
     import torch
     from peft import LoraConfig, get_peft_model
 
-    cfg = LoraConfig(r=spec.r, lora_alpha=spec.lora_alpha,  # type: ignore[arg-type]  # PEFT accepts floats target_modules=list(spec.target_modules),
-                     lora_dropout=0.0, bias="none", use_rslora=spec.use_rslora, init_lora_weights=True)
+    cfg = LoraConfig(r=spec.r, lora_alpha=spec.lora_alpha,  # type: ignore[arg-type]  # PEFT accepts floats
+                     target_modules=list(spec.target_modules), lora_dropout=0.0, bias="none",
+                     use_rslora=spec.use_rslora, init_lora_weights=True)
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # transformers 5 deprecations PEFT 0.21 still calls
         torch.manual_seed(seed)

@@ -6,8 +6,12 @@ shape (``batch_size`` × ``seq_len``), and for each rank the relative paths of i
 sha256 of every file. ``docs/package-format.md`` shows the exact JSON. This module only *describes*
 packages; :mod:`export.package` is the one module that writes or opens them.
 
-Reading never trusts the file: every field is type-checked and every path must stay inside the package
-(no absolute paths, no ``..``); violations raise :class:`PackageError` naming the field.
+Reading never trusts the file: every field is type-checked and bounded (:data:`LIMITS`), every path must
+stay inside the package (no absolute paths, no ``..``), and ``manifest_sha256`` — the sha256 of the rest of
+the manifest in canonical JSON (sorted keys, no spaces) — must match, so an edited manifest is detected
+(the file hashes it lists cover every other file). What the programs themselves fix (rank, ``lora_alpha``,
+rsLoRA, target modules, the input shape) is cross-checked against the manifest when a program is loaded
+(:func:`check_compiled`). Violations raise :class:`PackageError` naming the field.
 """
 
 from __future__ import annotations
@@ -20,8 +24,13 @@ from typing import Any
 
 from export.errors import PackageError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: manifest_sha256, programs that state their own LoRA settings
 MANIFEST_FILE = "manifest.json"
+DIGEST_FIELD = "manifest_sha256"
+# The largest value each field may take: anything larger is an edited or corrupt manifest, not a model.
+LIMITS = {"seq_len": 1 << 17, "batch_size": 1 << 12, "rank": 1 << 14, "lora_alpha": 1e6, "num_layers": 1 << 10,
+          "dimension": 1 << 20, "vocab_size": 1 << 22, "num_parameters": 1 << 40, "bytes": 1 << 50,
+          "flops": 1 << 70}
 RUNTIMES = ("executorch", "onnx")
 # What a rank can hold; ``Package.path_of(rank, kind)`` takes one of these.
 KINDS = ("executorch_inference", "executorch_training", "onnx_training", "adapter")
@@ -112,6 +121,7 @@ class Manifest:
     shared_files: dict[str, FileEntry]  # files no single rank owns (the foundations)
     verification: dict[str, Any]
     created_by: str = "lorafleet"
+    manifest_sha256: str = ""  # set by to_json(): the digest of everything above
 
     def rank(self, r: int) -> RankArtifacts:
         try:
@@ -127,10 +137,21 @@ class Manifest:
         return files
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        data[DIGEST_FIELD] = manifest_digest(data)
+        return data
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
+
+
+def manifest_digest(data: dict[str, Any]) -> str:
+    """sha256 of the manifest without its digest field, as canonical JSON (sorted keys, compact)."""
+    import hashlib
+
+    body = {k: v for k, v in data.items() if k != DIGEST_FIELD}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 # --- reading --------------------------------------------------------------------------------------------
@@ -174,9 +195,21 @@ def manifest_from_dict(data: dict[str, Any], origin: str = MANIFEST_FILE) -> Man
         shared_files=_files(r.dict_("shared_files"), f"{origin}: shared_files"),
         verification=r.dict_("verification"),
         created_by=str(data.get("created_by", "lorafleet")),
+        manifest_sha256=r.str_(DIGEST_FIELD),
     )
     validate_manifest(m, origin)
+    _check_digest(data, m.manifest_sha256, origin)  # last: a field error names the field, this only says "edited"
     return m
+
+
+def _check_digest(data: dict[str, Any], digest: str, origin: str) -> None:
+    try:
+        expected = manifest_digest(data)
+    except ValueError:  # NaN or Inf somewhere: no canonical JSON, certainly not an exported manifest
+        expected = ""
+    if digest != expected:
+        raise PackageError(f"{origin} was edited after export (its {DIGEST_FIELD} does not match its content); "
+                           f"restore it or re-export the package")
 
 
 def validate_manifest(m: Manifest, origin: str = MANIFEST_FILE) -> None:
@@ -190,10 +223,19 @@ def validate_manifest(m: Manifest, origin: str = MANIFEST_FILE) -> None:
         raise PackageError(f"{origin}: ranks must be distinct positive integers, got {m.ranks}")
     if not m.target_modules:
         raise PackageError(f"{origin}: target_modules is empty")
-    if m.seq_len < 2 or m.batch_size < 1:
-        raise PackageError(f"{origin}: seq_len must be >= 2 and batch_size >= 1, got {m.seq_len}, {m.batch_size}")
-    if not (math.isfinite(m.lora_alpha) and m.lora_alpha > 0):
-        raise PackageError(f"{origin}: lora_alpha must be a positive number, got {m.lora_alpha}")
+    _bounded(origin, "seq_len", m.seq_len, 2, LIMITS["seq_len"])
+    _bounded(origin, "batch_size", m.batch_size, 1, LIMITS["batch_size"])
+    if not (math.isfinite(m.lora_alpha) and 0 < m.lora_alpha <= LIMITS["lora_alpha"]):
+        raise PackageError(f"{origin}: lora_alpha must be a positive number at most {LIMITS['lora_alpha']:g}, "
+                           f"got {m.lora_alpha}")
+    _check_model(m.model, f"{origin}: model")
+    unknown = sorted(set(m.target_modules) - set(m.model.module_shapes))
+    if unknown:
+        raise PackageError(f"{origin}: target_modules {unknown} are not among model.module_shapes "
+                           f"{sorted(m.model.module_shapes)}")
+    smallest = min(min(m.model.module_shapes[t]) for t in m.target_modules)
+    for x in m.ranks:
+        _bounded(origin, "ranks", x, 1, min(LIMITS["rank"], smallest))
     for key, art in m.artifacts.items():
         if str(art.r) != key:
             raise PackageError(f"{origin}: artifacts.{key} says r = {art.r}")
@@ -201,6 +243,50 @@ def validate_manifest(m: Manifest, origin: str = MANIFEST_FILE) -> None:
     for name, fpath in (("executorch_foundation", m.executorch_foundation), ("onnx_foundation", m.onnx_foundation)):
         if fpath is not None and fpath not in m.shared_files:
             raise PackageError(f"{origin}: {name} {fpath!r} is not listed in shared_files")
+
+
+def _bounded(origin: str, name: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:
+        raise PackageError(f"{origin}: {name} must be >= {low:g} and <= {high:g}, got {value!r}")
+
+
+def _check_model(s: ModelSection, origin: str) -> None:
+    _bounded(origin, "num_layers", s.num_layers, 1, LIMITS["num_layers"])
+    for name in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads"):
+        _bounded(origin, name, getattr(s, name), 1, LIMITS["dimension"])
+    _bounded(origin, "vocab_size", s.vocab_size, 1, LIMITS["vocab_size"])
+    _bounded(origin, "num_parameters", s.num_parameters, 1, LIMITS["num_parameters"])
+    for name, (out, inp) in s.module_shapes.items():
+        _bounded(origin, f"module_shapes.{name}", min(out, inp), 1, LIMITS["dimension"])
+        _bounded(origin, f"module_shapes.{name}", max(out, inp), 1, LIMITS["dimension"])
+
+
+@dataclass(frozen=True)
+class Compiled:
+    """What a loaded program says about itself (its LoRA settings and its fixed input shape)."""
+
+    r: int
+    lora_alpha: float
+    use_rslora: bool
+    target_modules: tuple[str, ...]
+    input_shape: tuple[int, ...]
+
+
+def check_compiled(m: Manifest, rank: int, artifact: str, compiled: Compiled) -> None:
+    """Raise :class:`PackageError` unless the program agrees with the manifest on what it computes with.
+
+    A manifest that says ``lora_alpha`` 32 over a program compiled at 16 would train at one scaling and write
+    adapters at the other: the program is what runs, so a disagreement is refused, not reconciled.
+    """
+    want = Compiled(rank, m.lora_alpha, m.use_rslora, tuple(sorted(m.target_modules)),
+                    (m.batch_size, m.seq_len) if artifact != "executorch_inference" else (1, m.seq_len))
+    got = Compiled(compiled.r, float(compiled.lora_alpha), compiled.use_rslora,
+                   tuple(sorted(compiled.target_modules)), tuple(compiled.input_shape))
+    for name in ("r", "lora_alpha", "use_rslora", "target_modules", "input_shape"):
+        if getattr(got, name) != getattr(want, name):
+            raise PackageError(f"rank {rank} {artifact}: the program was compiled with {name} "
+                               f"{getattr(got, name)!r}, the manifest says {getattr(want, name)!r}: the "
+                               f"manifest or the program was changed after export; re-export the package")
 
 
 def _check_rank_paths(m: Manifest, art: RankArtifacts, where: str) -> None:
@@ -310,6 +396,11 @@ def _rank_artifacts(d: Any, origin: str) -> RankArtifacts:
     breakdown = est.data.get("memory_breakdown", {})
     if not isinstance(breakdown, dict) or not all(isinstance(v, int) for v in breakdown.values()):
         raise PackageError(f"{origin}.estimates: memory_breakdown must map names to integers")
+    for key in ("trainable_parameters", "size_bytes"):
+        _bounded(origin, key, r.int_(key), 0, LIMITS["bytes"])
+    _bounded(f"{origin}.estimates", "training_peak_memory_bytes", est.int_("training_peak_memory_bytes"), 0,
+             LIMITS["bytes"])
+    _bounded(f"{origin}.estimates", "flops_per_step", est.int_("flops_per_step"), 0, LIMITS["flops"])
     return RankArtifacts(
         r=r.int_("r"),
         adapter=r.path_("adapter") or "",

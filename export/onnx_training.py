@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from export.adapter import Adapter, LoraPair, peft_config
 from export.errors import ConfigError, ExportError, PackageError
 from export.lora import LoraSpec, conform
+from export.manifest import Compiled, check_compiled
 
 if TYPE_CHECKING:
     import numpy as np
@@ -35,14 +36,17 @@ ARTIFACT_FILES = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onn
 # PEFT parameter names as the exporter writes them: <wrapper prefix>base_model.model.<module>.lora_A.default.weight
 _LORA_NAME = re.compile(r"^(?:.*\.)?base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])\.default\.weight$")
 ADAMW = {"betas": (0.9, 0.999), "eps": 1e-6, "weight_decay": 0.0}  # onnxblock.optim.AdamW defaults
+META_PREFIX = "lorafleet."  # the training graph's metadata_props: what it was compiled with
 
 
 # --- export ---------------------------------------------------------------------------------------------
 
 def export_onnx_training(loss_module: Any, example: tuple[Any, Any], out_dir: Path,
-                         shared: SharedExternalData) -> list[str]:
+                         shared: SharedExternalData, spec: LoraSpec) -> list[str]:
     """Write the ORT training artifacts of ``loss_module`` into ``out_dir`` (created); returns the LoRA names.
 
+    ``spec`` (the LoRA settings compiled in) is recorded in the training graph's metadata
+    (:data:`META_PREFIX` keys), so a loaded program can be checked against its manifest.
     ``example`` is ``(input_ids, labels)``, each int64 ``(B, T)``: the shapes are fixed in the graphs. The
     frozen weights go to ``shared`` before ORT sees the graph, so ORT's builder works on references only;
     ORT resolves them relative to the working directory when it optimizes a graph held in memory, hence the
@@ -75,8 +79,31 @@ def export_onnx_training(loss_module: Any, example: tuple[Any, Any], out_dir: Pa
             except Exception as exc:
                 raise ExportError(f"ORT training artifacts failed: {str(exc).strip().splitlines()[0]} "
                                   f"({_last_line(log)})") from exc
-    _finish_outputs(out_dir, shared, local)
+    _finish_outputs(out_dir, shared, local, compiled_props(spec, tuple(example[0].shape)))
     return lora
+
+
+def compiled_props(spec: LoraSpec, input_shape: tuple[int, ...]) -> dict[str, str]:
+    """The graph metadata naming what the program computes with."""
+    return {f"{META_PREFIX}r": str(spec.r), f"{META_PREFIX}lora_alpha": repr(float(spec.lora_alpha)),
+            f"{META_PREFIX}use_rslora": str(bool(spec.use_rslora)).lower(),
+            f"{META_PREFIX}target_modules": ",".join(sorted(spec.target_modules)),
+            f"{META_PREFIX}input_shape": "x".join(str(d) for d in input_shape)}
+
+
+def read_compiled(training_model: Path) -> Compiled:
+    """What a training graph says it was compiled with (its metadata, written by :func:`compiled_props`)."""
+    import onnx
+
+    model = onnx.load(str(training_model), load_external_data=False)
+    props = {p.key.removeprefix(META_PREFIX): p.value for p in model.metadata_props if p.key.startswith(META_PREFIX)}
+    try:
+        return Compiled(int(props["r"]), float(props["lora_alpha"]), props["use_rslora"] == "true",
+                        tuple(t for t in props["target_modules"].split(",") if t),
+                        tuple(int(d) for d in props["input_shape"].split("x")))
+    except (KeyError, ValueError):
+        raise PackageError(f"{training_model} does not say what it was compiled with (no lorafleet metadata); "
+                           f"re-export the package") from None
 
 
 def to_onnx(loss_module: Any, example: tuple[Any, Any]) -> Any:
@@ -132,8 +159,9 @@ def quiet_onnxruntime() -> None:
     onnxruntime.set_default_logger_severity(3)
 
 
-def _finish_outputs(out_dir: Path, shared: SharedExternalData, local: str) -> None:
-    """Point the saved graphs at the shared file; anything ORT's builder inlined goes there too."""
+def _finish_outputs(out_dir: Path, shared: SharedExternalData, local: str, props: dict[str, str]) -> None:
+    """Point the saved graphs at the shared file (anything ORT's builder inlined goes there too) and record
+    ``props`` in their metadata."""
     import onnx
 
     for name in ("training_model.onnx", "eval_model.onnx"):
@@ -141,6 +169,7 @@ def _finish_outputs(out_dir: Path, shared: SharedExternalData, local: str) -> No
         model = onnx.load(str(path), load_external_data=False)
         shared.relocate(model, local, out_dir)
         shared.externalize_proto(model, out_dir)
+        onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props}, **props})
         onnx.save(model, str(path))
 
 
@@ -176,10 +205,13 @@ class OnnxTrainer:
 
     @classmethod
     def from_package(cls, pkg: Package, rank: int, *, lr: float = 1e-4, with_eval: bool = False) -> OnnxTrainer:
+        """The rank's trainer, refused if its program disagrees with the manifest (:func:`check_compiled`)."""
         m = pkg.manifest
+        directory = pkg.path_of(rank, "onnx_training")
+        check_compiled(m, rank, "onnx_training", read_compiled(directory / "training_model.onnx"))
         spec = LoraSpec(rank, tuple(m.target_modules), m.lora_alpha, m.use_rslora)
-        return cls(pkg.path_of(rank, "onnx_training"), spec, lr=lr, input_shape=(m.batch_size, m.seq_len),
-                   with_eval=with_eval, base_model=m.model.spec)
+        return cls(directory, spec, lr=lr, input_shape=(m.batch_size, m.seq_len), with_eval=with_eval,
+                   base_model=m.model.spec)
 
     def _open(self) -> None:
         from onnxruntime.training.api import CheckpointState, Module, Optimizer
@@ -242,7 +274,8 @@ class OnnxTrainer:
         for module, n in self.names.items():
             pair = adapter.modules[module]
             for which, name, value in (("lora_A", n.lora_A, pair.lora_A), ("lora_B", n.lora_B, pair.lora_B)):
-                arr = np.ascontiguousarray(value.detach().cpu().numpy(), dtype=np.float32)
+                # .float(): numpy has no bfloat16, and a bf16 adapter trains like any other
+                arr = np.ascontiguousarray(value.detach().cpu().float().numpy(), dtype=np.float32)
                 if arr.shape != params[name].data.shape:
                     raise ConfigError(f"{module}.{which} has shape {arr.shape}, the program expects "
                                       f"{params[name].data.shape}")

@@ -117,7 +117,8 @@ def open_package(path: str | Path, *, verify: bool = True, ranks: Iterable[int] 
     """Open the package at ``path``: parse and validate its manifest and check every file's size and sha256.
 
     ``ranks`` limits the file check to those ranks' files plus the shared ones (a device that downloaded
-    a single rank). Raises :class:`PackageError` on a missing manifest, a missing file or a mismatch.
+    a single rank). Raises :class:`PackageError` on a missing manifest, a missing file or a mismatch — of a
+    file's hash, or of a rank's packaged adapter with the manifest's LoRA settings.
     """
     root = Path(path)
     mpath = root / MANIFEST_FILE
@@ -130,7 +131,26 @@ def open_package(path: str | Path, *, verify: bool = True, ranks: Iterable[int] 
             files.update(manifest.rank(r).files)
         for rel, entry in sorted(files.items()):
             _check_file(root, rel, entry)
+        for r in (manifest.ranks if ranks is None else list(ranks)):
+            _check_adapter_config(root, manifest, r)
     return Package(root, manifest)
+
+
+def _check_adapter_config(root: Path, m: Manifest, r: int) -> None:
+    """The rank's packaged adapter must state the manifest's rank, ``lora_alpha``, rsLoRA and targets."""
+    import json
+
+    path = root / m.rank(r).adapter / "adapter_config.json"
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise PackageError(f"{root}: {path.relative_to(root)} is unreadable ({exc})") from None
+    got = (cfg.get("r"), cfg.get("lora_alpha"), bool(cfg.get("use_rslora", False)),
+           sorted(cfg.get("target_modules") or []))
+    want = (r, m.lora_alpha, m.use_rslora, sorted(m.target_modules))
+    if got[0] != want[0] or not isinstance(got[1], int | float) or float(got[1]) != want[1] or got[2:] != want[2:]:
+        raise PackageError(f"{root}: rank {r}'s adapter says r, lora_alpha, rsLoRA, targets = {got}, the manifest "
+                           f"{want}: the package was changed after export")
 
 
 def _check_file(root: Path, rel: str, entry: FileEntry) -> None:

@@ -40,7 +40,7 @@ from export.lora import (
 )
 from export.manifest import MANIFEST_FILE, RUNTIMES, Manifest, ModelSection
 from export.package import PackageSpec, PackageWriter, RankRecord, write_package
-from export.verify import Check, raise_if_failed, verification_section
+from export.verify import Check, compare_modules, raise_if_failed, verification_section
 
 QUANTIZE = ("none",)
 VERIFY_SEED = 0
@@ -172,6 +172,7 @@ class RankContext:
     et_store: Any | None = None  # export.executorch.FoundationStore
     et_parts: Path | None = None  # each program's data file until the shared one is written (same filesystem)
     initial: dict[int, Adapter] = field(default_factory=dict)  # each rank's packaged LoRA weights
+    modules: frozenset[str] = frozenset()  # the requested modules, from the base model (export.lora.target_shapes)
 
     def timed(self, stage: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         t0 = time.perf_counter()
@@ -190,8 +191,8 @@ def compile_rank(ctx: RankContext, model: Any, r: int, init: Adapter | None) -> 
     peft_model = ctx.timed("attach", attach_lora, model, spec, conform(init, spec, None) if init else None)
     peft_model.eval()
     ctx.initial[r] = read_lora(peft_model, spec, base_model=ctx.cfg.model)
+    checks = compare_modules(r, "adapter", ctx.initial[r].modules, ctx.modules)
     write_adapter(ctx.initial[r], ctx.writer.path(r, "adapter"))
-    checks: list[Check] = []
     if "onnx" in ctx.cfg.runtimes:
         ctx.log(f"rank {r}: export ONNX Runtime training artifacts and verify them")
         checks += export_onnx_rank(ctx, peft_model, CausalLMLoss(peft_model), spec)
@@ -250,7 +251,7 @@ def run_export(cfg: ExportConfig, log: Log = lambda _msg: None) -> ExportResult:
     batch = example_batch(section.vocab_size, cfg.batch_size, cfg.seq_len, seed=VERIFY_SEED)
     model = lm.model
     with write_package(cfg.out, overwrite=cfg.force) as writer, contextlib.ExitStack() as stack:
-        ctx = RankContext(cfg, writer, batch, seconds, log)
+        ctx = RankContext(cfg, writer, batch, seconds, log, modules=frozenset(shapes))
         if "onnx" in cfg.runtimes:
             from export.onnx_graph import SharedExternalData
 

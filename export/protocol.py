@@ -46,6 +46,7 @@ BATCH_SIZE = "batch-size"  # 0: the package's compiled batch size
 SEED = "seed"
 SELF_PRUNE = "self-prune"  # HetLoRA rank self-pruning on the device (hetlora only)
 PRUNE_GAMMA = "prune-gamma"
+PRUNE_LAMBDA = "prune-lambda"  # the self-pruning penalty's λ (optional; devices default to 1.0)
 ROUND_TIMEOUT = "round-timeout"  # seconds: the device's time budget for one local round
 
 # Device → server (MetricRecord keys).

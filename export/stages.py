@@ -17,6 +17,7 @@ from export.verify import (
     StepResult,
     compare_adapters,
     compare_logits,
+    compare_modules,
     compare_step,
     eager_logits,
     eager_step,
@@ -32,7 +33,7 @@ def export_onnx_rank(ctx: RankContext, peft_model: Any, loss_module: Any, spec: 
     from export.onnx_training import OnnxTrainer, export_onnx_training
 
     out = ctx.writer.path(spec.r, "onnx_training")
-    ctx.timed("export_onnx", export_onnx_training, loss_module, ctx.batch, out, ctx.onnx_shared)
+    ctx.timed("export_onnx", export_onnx_training, loss_module, ctx.batch, out, ctx.onnx_shared, spec)
     return ctx.timed("verify", _verify_onnx, ctx, peft_model, loss_module, spec, OnnxTrainer)
 
 
@@ -40,7 +41,8 @@ def _verify_onnx(ctx: RankContext, peft_model: Any, loss_module: Any, spec: Lora
                  trainer_cls: Any) -> list[Check]:
     initial = ctx.initial[spec.r]
     trainer = trainer_cls(ctx.writer.path(spec.r, "onnx_training"), spec, input_shape=tuple(ctx.batch[0].shape))
-    checks = compare_adapters(spec.r, "onnx_training", trainer.get_lora(), initial)
+    checks = compare_modules(spec.r, "onnx_training", trainer.names, ctx.modules)
+    checks += compare_adapters(spec.r, "onnx_training", trainer.get_lora(), initial)
     probe = probe_adapter(initial, spec)
     load_lora(peft_model, spec, probe)
     trainer.set_lora(probe)
@@ -80,7 +82,8 @@ def verify_executorch_rank(ctx: RankContext, peft_model: Any, spec: LoraSpec) ->
     foundation = ctx.writer.foundation("executorch")
     ids, labels = ctx.batch
     inference = load_inference(ctx.writer.path(r, "executorch_inference"), foundation)
-    checks = compare_adapters(r, "executorch_inference", inference.adapter(), initial)
+    checks = compare_modules(r, "executorch_inference", _modules(inference.lora.names), ctx.modules)
+    checks += compare_adapters(r, "executorch_inference", inference.adapter(), initial)
     checks += compare_logits(r, "executorch_inference", inference.logits(ids[:1]), eager_logits(peft_model, ids[:1]))
     probe = probe_adapter(initial, spec)
     load_lora(peft_model, spec, probe)
@@ -89,6 +92,7 @@ def verify_executorch_rank(ctx: RankContext, peft_model: Any, spec: LoraSpec) ->
                              metric="probe_logits_max_abs_diff")
     del inference
     training = load_training(ctx.writer.path(r, "executorch_training"), foundation)
+    checks += compare_modules(r, "executorch_training", _modules(training.parameters()), ctx.modules)
     checks += compare_adapters(r, "executorch_training", training.adapter(), initial)
     training.set_adapter(probe)
     got = training.step(ids, labels)
@@ -97,6 +101,13 @@ def verify_executorch_rank(ctx: RankContext, peft_model: Any, spec: LoraSpec) ->
     checks += compare_step(r, "executorch_training", StepResult(got.loss, grads), want)
     load_lora(peft_model, spec, initial)
     return checks
+
+
+def _modules(names: Any) -> set[str]:
+    """The modules a set of LoRA parameter names (PEFT's, with or without the adapter name) belong to."""
+    from export.adapter import PEFT_PREFIX
+
+    return {name.removeprefix(PEFT_PREFIX).rsplit(".lora_", 1)[0] for name in names}
 
 
 def _by_module(gradients: dict[str, Any]) -> dict[str, tuple[Any, Any]]:

@@ -9,6 +9,7 @@ export writes them into the manifest and writes no package when one fails.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +28,7 @@ TOLERANCES = {
     "loss_abs_diff": 1e-4,
     "grad_rel_max_abs_diff": 1e-3,  # max |Δgrad| / max |grad| over all LoRA tensors
     "lora_max_abs_diff": 0.0,  # the program's initial LoRA weights read back against the package adapter
+    "lora_modules_mismatch": 0.0,  # modules whose LoRA tensors the artifact trains, against those requested
 }
 
 Grads = dict[str, tuple[Any, Any]]  # module -> (d lora_A (r, in), d lora_B (out, r)), torch or numpy
@@ -128,6 +130,22 @@ def compare_adapters(rank: int, artifact: str, got: Adapter, want: Adapter) -> l
         q = got.modules[name]
         diff = max(diff, float((q.lora_A - p.lora_A).abs().max()), float((q.lora_B - p.lora_B).abs().max()))
     return [Check(rank, artifact, "lora_max_abs_diff", diff, TOLERANCES["lora_max_abs_diff"])]
+
+
+def compare_modules(rank: int, artifact: str, got: Iterable[str], want: Iterable[str]) -> list[Check]:
+    """The modules an artifact holds trainable LoRA tensors for must be exactly the requested ones.
+
+    ``want`` comes from the base model's own structure (every linear layer a target name selects, in every
+    layer: :func:`export.lora.target_shapes`), not from the PEFT model under test, so a target list lost on
+    the way into PEFT cannot pass by comparing the program with the same mis-adapted model.
+    """
+    got_set, want_set = set(got), set(want)
+    if got_set != want_set:
+        missing, extra = sorted(want_set - got_set), sorted(got_set - want_set)
+        raise ExportError(f"verification failed: rank {rank} {artifact} trains LoRA on the wrong modules "
+                          f"(missing {missing[:3]}{' ...' if len(missing) > 3 else ''}, "
+                          f"unexpected {extra[:3]}{' ...' if len(extra) > 3 else ''}); no package written")
+    return [Check(rank, artifact, "lora_modules_mismatch", 0.0, TOLERANCES["lora_modules_mismatch"])]
 
 
 def verification_section(checks: list[Check], *, batch_size: int, seq_len: int, seed: int) -> dict[str, Any]:

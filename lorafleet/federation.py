@@ -31,10 +31,13 @@ from pathlib import Path
 from typing import IO, Any
 
 from export.errors import ConfigError, LorafleetError
+from lorafleet.app_guard import APP_DIR
 
-APP_DIR = Path(__file__).resolve().parent / "flower-app"
+__all__ = ["APP_DIR", "FederationError", "Tls", "free_port", "parse_address", "run_client", "serve"]
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CONNECTION = "lorafleet"
+LOOPBACK = "127.0.0.1"
 START_TIMEOUT = 60.0
 
 
@@ -75,39 +78,79 @@ def parse_address(address: str) -> tuple[str, int]:
 
 # --- server ---------------------------------------------------------------------------------------------
 
-def serve(config: Any, address: str, tls: Tls, *, echo: Callable[[str], None] = print) -> Any:
-    """Run ``config`` (a :class:`server.server_app.ServerConfig` with a ``state_dir``) on a fresh SuperLink
-    bound to ``address``; returns the final server state. Raises :class:`FederationError` if the run fails."""
+def serve(config: Any, address: str, tls: Tls, *, authorized_keys: Path | None = None,
+          echo: Callable[[str], None] = print) -> Any:
+    """Run ``config`` (a :class:`server.server_app.ServerConfig` with a ``state_dir``) with devices connecting
+    to ``address``; returns the final server state. Raises :class:`FederationError` if the run fails.
+
+    The SuperLink listens on 127.0.0.1 only (its Control and Runtime APIs never face the network) behind
+    :mod:`lorafleet.gateway`, which serves devices the Fleet API alone on ``address``. The two speak TLS with
+    a certificate made for this run (``DIR/flower/loopback-tls/``). With ``authorized_keys`` (a ``.pub`` file
+    or a directory of them) the SuperLink authenticates SuperNodes: only a node holding one of those keys'
+    private halves can register.
+    """
+    from lorafleet.certs import read_public_keys, write_tls
     from server.checkpoint import Checkpoint
     from server.server_app import preflight
 
     host, port = parse_address(address)
     tls.check_server()
+    keys = read_public_keys(authorized_keys) if authorized_keys is not None else []
+    if keys and not tls.enabled:
+        raise ConfigError("SuperNode authentication (--authorized-keys) needs TLS: give --ssl-certfile, "
+                          "--ssl-keyfile and --ssl-ca-certfile")
     preflight(config)
-    ckpt = Checkpoint(config.state_dir)
-    home = ckpt.flower_dir
+    home = Checkpoint(config.state_dir).flower_dir
     home.mkdir(parents=True, exist_ok=True)
-    _write_connection(home, _client_host(host), port, tls.ca_certfile)
+    link = write_tls(home / "loopback-tls", [LOOPBACK], days=30, keep_ca_key=False,
+                     common_name="lorafleet loopback CA (this server only)")
+    link_port = free_port(LOOPBACK)
+    _write_connection(home, LOOPBACK, link_port, str(link.ca))
     if not tls.enabled:
         echo("lorafleet: warning: no TLS certificates given: devices connect in plaintext (use only on a "
              "trusted network)")
-    cmd = [_bin("flower-superlink"), "--host", host, "--port", str(port), "--database",
-           str(home / "superlink.db"), "--disable-runtime-dependency-installation", *_server_tls_args(tls)]
+    elif not keys:
+        echo("lorafleet: warning: no --authorized-keys: any device that trusts the CA can join the federation")
+    superlink = [_bin("flower-superlink"), "--host", LOOPBACK, "--port", str(link_port), "--database",
+                 str(home / "superlink.db"), "--disable-runtime-dependency-installation",
+                 "--ssl-certfile", str(link.cert), "--ssl-keyfile", str(link.key), "--ssl-ca-certfile", str(link.ca),
+                 *(["--enable-supernode-auth"] if keys else [])]
+    gateway = [sys.executable, "-m", "lorafleet", "gateway", "--listen", address,
+               "--superlink", f"{LOOPBACK}:{link_port}", "--superlink-ca", str(link.ca), *_gateway_tls_args(tls)]
     with _terminating_on_sigterm(), open(home / "superlink.log", "ab") as log, \
-            _child(cmd, home, log) as superlink:
-        _wait_for_port(_client_host(host), port, superlink, home / "superlink.log")
-        echo(f"lorafleet: SuperLink listening on {host}:{port} (log: {home / 'superlink.log'})")
-        run_id = _submit(config, home)
-        echo(f"lorafleet: run {run_id} started ({config.method}, {config.rounds} rounds, state in "
-             f"{config.state_dir})")
-        _flwr(["log", str(run_id), CONNECTION, "--stream"], home, stdout=None)
-        status = _run_status(home, run_id)
+            _child(superlink, home, log) as link_proc:
+        _wait_for_port(LOOPBACK, link_port, link_proc, home / "superlink.log", "flower-superlink")
+        _register_nodes(keys, home, echo)
+        with open(home / "gateway.log", "ab") as glog, _child(gateway, home, glog) as gate:
+            _wait_for_port(_client_host(host), port, gate, home / "gateway.log", "the lorafleet gateway")
+            echo(f"lorafleet: devices connect to {host}:{port} (Fleet API only; SuperLink on {LOOPBACK}:{link_port}, "
+                 f"log: {home / 'superlink.log'})")
+            run_id = _submit(config, home)
+            echo(f"lorafleet: run {run_id} started ({config.method}, {config.rounds} rounds, state in "
+                 f"{config.state_dir})")
+            _flwr(["log", str(run_id), CONNECTION, "--stream"], home, stdout=None)
+            status = _run_status(home, run_id)
+    ckpt = Checkpoint(config.state_dir)
     state = ckpt.load()[0] if ckpt.exists() else None
     if status != "finished:completed" or state is None or not state.finished:
         done = f"after round {state.round} of {config.rounds}" if state else "before its first checkpoint"
         raise FederationError(f"run {run_id} ended {status} {done} (SuperLink log: {home / 'superlink.log'}); "
                               f"restart with --resume to continue")
     return state
+
+
+def _register_nodes(keys: list[Path], home: Path, echo: Callable[[str], None]) -> None:
+    """Register every authorized SuperNode key with the SuperLink. A key an earlier start of the same state
+    directory registered stays registered (the SuperLink's database keeps it): Flower answers "already in
+    use", which is what we want."""
+    for key in keys:
+        try:
+            _flwr(["supernode", "register", str(key), CONNECTION], home)
+        except FederationError as exc:
+            if "already in use" not in str(exc):
+                raise
+    if keys:
+        echo(f"lorafleet: {len(keys)} authorized device key(s); other devices are refused")
 
 
 def _submit(config: Any, home: Path) -> int:
@@ -146,35 +189,49 @@ def _write_connection(home: Path, host: str, port: int, ca_certfile: str) -> Non
     (home / "config.toml").write_text(tomli_w.dumps({"superlink": {"default": CONNECTION, CONNECTION: conn}}))
 
 
-def _server_tls_args(tls: Tls) -> list[str]:
+def _gateway_tls_args(tls: Tls) -> list[str]:
     if not tls.enabled:
-        return ["--insecure"]
-    return ["--ssl-certfile", str(Path(tls.certfile).resolve()), "--ssl-keyfile", str(Path(tls.keyfile).resolve()),
-            "--ssl-ca-certfile", str(Path(tls.ca_certfile).resolve())]
+        return []
+    return ["--ssl-certfile", str(Path(tls.certfile).resolve()), "--ssl-keyfile", str(Path(tls.keyfile).resolve())]
 
 
 # --- device ---------------------------------------------------------------------------------------------
 
-def run_client(settings: Any, server: str, tls: Tls, *, runtime_port: int = 0, log: IO[bytes] | None = None) -> int:
+def run_client(settings: Any, server: str, tls: Tls, *, auth_key: Path | None = None,
+               trusted_apps: tuple[str, ...] = (), runtime_port: int = 0, log: IO[bytes] | None = None) -> int:
     """Run a SuperNode with the lorafleet ClientApp (``settings``: :class:`edge_client.flower_client.NodeSettings`)
-    until it stops; returns its exit status."""
+    until it stops; returns its exit status.
+
+    The SuperNode runs lorafleet's app and nothing else (:mod:`lorafleet.app_guard`: a FAB whose sha256 is not
+    that of lorafleet's own app, or one of ``trusted_apps``, is refused before it is installed). ``auth_key``:
+    the node's private key for SuperNode authentication (needs TLS)."""
     import tomli_w
+
+    from lorafleet.app_guard import fab_sha256, write_guard_bin
 
     host, port = parse_address(server)
     tls.check_client()
+    auth_args: list[str] = []
+    if auth_key is not None:
+        if not auth_key.is_file():
+            raise ConfigError(f"SuperNode key not found: {auth_key}")
+        if not tls.ca_certfile:
+            raise ConfigError("SuperNode authentication (--auth-key) needs TLS: give --root-certificates")
+        auth_args = ["--auth-supernode-private-key", str(auth_key.resolve())]
     with tempfile.TemporaryDirectory(prefix="lorafleet-node-") as tmp, _terminating_on_sigterm():
         home = Path(tmp)
+        guard = write_guard_bin(home / "bin", (fab_sha256(), *trusted_apps))
         node_config = home / "node-config.toml"
         node_config.write_text(tomli_w.dumps(settings.to_node_config()))
         tls_args = (["--root-certificates", str(Path(tls.ca_certfile).resolve())] if tls.ca_certfile
                     else ["--insecure"])
         cmd = [_bin("flower-supernode"), "--superlink", f"{_bracket(host)}:{port}", "--node-config", str(node_config),
-               "--host", "127.0.0.1", "--port", str(runtime_port or free_port()), *tls_args]
-        with _child(cmd, home, log) as node:
+               "--host", LOOPBACK, "--port", str(runtime_port or free_port()), *tls_args, *auth_args]
+        with _child(cmd, home, log, path_first=guard) as node:
             return node.wait()
 
 
-def free_port(host: str = "127.0.0.1") -> int:
+def free_port(host: str = LOOPBACK) -> int:
     """A TCP port nothing listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
@@ -201,9 +258,14 @@ def flower_env(home: Path) -> dict[str, str]:
 
 
 @contextmanager
-def _child(cmd: list[str], home: Path, log: IO[bytes] | None) -> Iterator[subprocess.Popen[bytes]]:
-    """Start ``cmd``; on leaving the block it is stopped (SIGTERM, then SIGKILL after 10 s)."""
-    proc = subprocess.Popen(cmd, env=flower_env(home), stdin=subprocess.DEVNULL, stdout=log,
+def _child(cmd: list[str], home: Path, log: IO[bytes] | None,
+           path_first: Path | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    """Start ``cmd`` (with ``path_first`` ahead of everything on its ``PATH``); on leaving the block it is
+    stopped (SIGTERM, then SIGKILL after 10 s)."""
+    env = flower_env(home)
+    if path_first is not None:
+        env["PATH"] = os.pathsep.join([str(path_first), env["PATH"]])
+    proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=log,
                             stderr=subprocess.STDOUT if log is not None else None, preexec_fn=_die_with_parent)
     try:
         yield proc
@@ -253,18 +315,18 @@ def _flwr(args: list[str], home: Path, stdout: int | None = subprocess.PIPE) -> 
     return proc.stdout or ""
 
 
-def _wait_for_port(host: str, port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
+def _wait_for_port(host: str, port: int, proc: subprocess.Popen[bytes], log: Path, what: str) -> None:
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             tail = log.read_text(errors="replace").strip().splitlines()[-3:] if log.is_file() else []
-            raise FederationError(f"flower-superlink exited with status {proc.returncode}: {' | '.join(tail)}")
+            raise FederationError(f"{what} exited with status {proc.returncode}: {' | '.join(tail)}")
         try:
             with socket.create_connection((host, port), timeout=1.0):
                 return
         except OSError:
             time.sleep(0.2)
-    raise FederationError(f"flower-superlink did not listen on {host}:{port} within {START_TIMEOUT:.0f} s")
+    raise FederationError(f"{what} did not listen on {host}:{port} within {START_TIMEOUT:.0f} s")
 
 
 def _bin(name: str) -> str:

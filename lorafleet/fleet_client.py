@@ -92,7 +92,8 @@ def handle_train(message: Message, plan: ClientPlan, device: int) -> Message:
     received = received_adapter(message, config, pkg)
     data = plan.data_path(device)
     lr = float(config[P.LEARNING_RATE])
-    prune = SelfPruneConfig(gamma=float(config[P.PRUNE_GAMMA])) if config.get(P.SELF_PRUNE) else False
+    prune = (SelfPruneConfig(gamma=float(config[P.PRUNE_GAMMA]), lam=float(config.get(P.PRUNE_LAMBDA, 1.0)))
+             if config.get(P.SELF_PRUNE) else False)
     result = train_local(pkg, received.r, _backend(plan.backend, pkg, received.r, lr), read_jsonl(data).examples,
                          initial_adapter=received, steps=int(config[P.LOCAL_STEPS]),
                          batch_size=int(config[P.BATCH_SIZE]) or None, lr=lr,

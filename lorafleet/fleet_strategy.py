@@ -6,11 +6,12 @@ following :mod:`lorafleet.emulation`:
 
 * once, before round 1: every node is asked which device it is (``query.fleet``), so the server can apply
   each device's profile;
-* :meth:`configure_train`: only online devices are sampled (``fraction`` of the fleet, seeded); sampled
+* :meth:`eligible_nodes`: only online devices are sampled (``fraction`` of the fleet, seeded); sampled
   devices whose profile fits no packaged rank get no work and are dropped;
-* :meth:`aggregate_train`: each reply's emulated round time (its host training seconds scaled to the device,
+* :meth:`screen_replies`: each reply's emulated round time (its host training seconds scaled to the device,
   plus the adapter down and up) is compared with the deadline; stragglers are dropped before the parent
-  validates and aggregates the rest. What happened is kept as a :class:`RoundOutcome` per round.
+  validates, bounds and aggregates the rest;
+* :meth:`round_finished`: what happened is kept as a :class:`RoundOutcome` per round.
 
 FedAvg trains one rank on every participant: the fleet's smallest (``fleet-min``: what every device can
 train — the "bucket effect") or, as an upper bound that ignores device limits, its largest (``fleet-max``).
@@ -30,12 +31,12 @@ from export.errors import ConfigError, LorafleetError
 from lorafleet.emulation import online_mask, round_duration, round_seconds, sample_devices, split_stragglers
 from lorafleet.fleet_client import DEVICE, IDENTIFY_ACTION
 from lorafleet.fleet_plan import EmulatedDevice, ranked
-from server.strategy import LoraFleetStrategy
+from server.strategy import LoraFleetStrategy, RoundResult
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
 
-    from flwr.app import ArrayRecord, MetricRecord
+    from flwr.app import ArrayRecord
     from flwr.serverapp import Grid
 
     from export.adapter import Adapter
@@ -128,10 +129,14 @@ class FleetStrategy(LoraFleetStrategy):
                         grid: Grid) -> Iterable[Message]:
         if not self.node_of:
             self.identify(grid)
-        e, rnd = self.emulation, server_round + self.round_offset
-        online = online_mask([d.availability for d in e.devices], rnd, e.seed)
-        sampled = sample_devices(online, e.fraction, rnd, e.seed)
-        self._outcome = out = RoundOutcome(rnd, int(online.sum()), sampled)
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def eligible_nodes(self, grid: Grid, server_round: int) -> list[int]:
+        """The round's online, sampled devices that fit a packaged rank; the others are recorded as dropped."""
+        e = self.emulation
+        online = online_mask([d.availability for d in e.devices], server_round, e.seed)
+        sampled = sample_devices(online, e.fraction, server_round, e.seed)
+        self._outcome = out = RoundOutcome(server_round, int(online.sum()), sampled)
         trainable = []
         for d in sampled:
             dev = e.devices[d]
@@ -141,43 +146,37 @@ class FleetStrategy(LoraFleetStrategy):
                     out.device_times[d] = dev.unable_seconds
             else:
                 trainable.append(self.node_of[d])
-        if not trainable:
-            self._sent, self._round_started = {}, time.perf_counter()
-            return []
-        return super().configure_train(server_round, arrays, config,
-                                       _OnlyNodes(grid, trainable))  # type: ignore[arg-type]
+        return trainable
 
     # --- deadlines --------------------------------------------------------------------------------------
 
-    def aggregate_train(self, server_round: int,
-                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        e, out = self.emulation, self._outcome
+    def screen_replies(self, server_round: int, replies: list[Message]) -> dict[int, str]:
+        """Each reply's emulated round time against the deadline: stragglers are dropped."""
+        e, out, sent = self.emulation, self._outcome, self.sent
         assert out is not None, "configure_train runs first"
-        replies = list(replies)
         for reply in replies:
             node = reply.metadata.src_node_id
-            seconds = _train_seconds(reply) if node in self._sent else None
+            seconds = _train_seconds(reply) if node in sent else None
             if seconds is not None:
                 dev = e.devices[self.device_of[node]]
                 out.device_times[self.device_of[node]] = round_seconds(
-                    seconds, dev.time_scale, e.adapter_bytes[self._sent[node]], dev.down_mbps, dev.up_mbps)
+                    seconds, dev.time_scale, e.adapter_bytes[sent[node]], dev.down_mbps, dev.up_mbps)
+        _, late = split_stragglers(out.device_times, e.deadline)
+        return {self.node_of[d]: f"straggler: {out.device_times[d]:.1f} s > deadline {e.deadline:g} s"
+                for d in late if self.node_of[d] in sent}
+
+    def round_finished(self, result: RoundResult) -> None:
+        e, out = self.emulation, self._outcome
+        assert out is not None, "configure_train runs first"
         on_time, late = split_stragglers(out.device_times, e.deadline)
-        late_nodes = {self.node_of[d] for d in late if self.node_of[d] in self._sent}
-        for d in late:
-            out.dropped.setdefault(d, f"straggler: {out.device_times[d]:.1f} s > deadline {e.deadline:g} s")
-        for node in late_nodes:  # never sent, as far as the parent's validation and history are concerned
-            del self._sent[node]
-        result = super().aggregate_train(server_round, [r for r in replies if r.metadata.src_node_id not in late_nodes])
-        entry = self.state.history[-1]
-        out.participants = sorted(self.device_of[int(n)] for n in entry["valid"])
-        out.ranks = {self.device_of[int(n)]: int(v["rank"]) for n, v in entry["valid"].items()}
-        out.dropped.update({self.device_of[int(n)]: why for n, why in entry["dropped"].items()})
+        out.participants = sorted(self.device_of[n] for n in result.valid)
+        out.ranks = {self.device_of[n]: u.rank for n, u in result.valid.items()}
+        out.dropped.update({self.device_of[n]: why for n, why in result.dropped.items()})
         out.round_time = round_duration([out.device_times[d] for d in on_time if d in out.participants],
                                         e.deadline, bool(late))
-        out.loss = entry["loss"]
+        out.loss = result.loss
         self.outcomes.append(out)
         self.on_round(out)
-        return result
 
 
 def _all_nodes(grid: Grid, n: int) -> list[int]:
@@ -189,19 +188,6 @@ def _all_nodes(grid: Grid, n: int) -> list[int]:
     if len(nodes) != n:
         raise ConfigError(f"the simulation has {len(nodes)} nodes, the fleet {n} devices")
     return nodes
-
-
-class _OnlyNodes:
-    """A Grid that shows only ``nodes`` (the ones sampled this round) to Flower's sampling."""
-
-    def __init__(self, grid: Grid, nodes: list[int]):
-        self._grid, self._nodes = grid, nodes
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._grid, name)
-
-    def get_node_ids(self) -> list[int]:
-        return list(self._nodes)
 
 
 def _train_seconds(reply: Message) -> float | None:

@@ -11,6 +11,10 @@ in any interleaving: the new adapter is first written complete to ``DIR/global.n
 rename), then ``state.json`` is replaced atomically naming the sha256 of that adapter's weights, then
 ``global.next/`` replaces ``global/``. :meth:`Checkpoint.load` takes whichever of the two directories matches
 the digest in ``state.json`` (finishing an interrupted swap), so state and adapter always agree.
+
+Nothing saved is ever lost to a mistake: a new run refuses a directory that already holds a state or a global
+adapter, ``--resume`` refuses a directory with nothing to resume, every field of ``state.json`` is checked
+(type and range) when it is read, and a global adapter that is not finite is never written.
 """
 
 from __future__ import annotations
@@ -23,9 +27,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pydantic import Field
+
 from export.adapter import WEIGHTS_FILE, read_adapter, write_adapter
 from export.atomic import atomic_write_text
 from export.errors import LorafleetError
+from export.schema import Strict, validate
 
 if TYPE_CHECKING:
     from export.adapter import Adapter
@@ -61,6 +68,23 @@ class ServerState:
         return json.dumps({**asdict(self), "global_sha256": global_sha256}, indent=2, sort_keys=True) + "\n"
 
 
+class _StateFile(Strict):
+    """``state.json`` as read from disk: every field typed and bounded."""
+
+    version: int = Field(ge=STATE_VERSION, le=STATE_VERSION)
+    method: str = Field(min_length=1, max_length=64)
+    rounds: int = Field(ge=1, le=1_000_000)
+    round: int = Field(ge=0, le=1_000_000)
+    package: str = Field(max_length=4096)
+    global_rank: int = Field(ge=0, le=1 << 20)
+    seed: int = Field(ge=-(2**63), le=2**63 - 1)
+    config: dict[str, Any]
+    node_ranks: dict[str, int]
+    history: list[dict[str, Any]]
+    finished: bool
+    global_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
 class Checkpoint:
     """Reads and writes one state directory."""
 
@@ -84,15 +108,32 @@ class Checkpoint:
         return self.state_file.is_file()
 
     def check_new(self) -> None:
-        """Refuse to start a fresh run over a saved one (``--resume`` continues it)."""
+        """Refuse to start a fresh run over a saved one (``--resume`` continues it) or over any global adapter."""
         if self.exists():
             state = self._read_state()
             raise CheckpointError(f"{self.dir} already holds a run ({state.get('method')}, round "
                                   f"{state.get('round')} of {state.get('rounds')}): pass --resume to continue it, "
                                   f"or choose another --state directory")
+        for leftover in (self.global_dir, self.dir / NEXT_DIR):
+            if leftover.exists():
+                raise CheckpointError(f"{self.dir} holds a global adapter ({leftover.name}/) but no {STATE_FILE}: "
+                                      f"refusing to overwrite it; move it away or choose another --state directory")
+
+    def check_resumable(self) -> None:
+        """Refuse ``--resume`` of a directory that holds nothing to resume (and check what it holds)."""
+        if not self.exists():
+            raise CheckpointError(f"--resume: {self.dir} holds no {STATE_FILE}, so there is nothing to resume "
+                                  f"(leave out --resume to start a new run in a new directory)")
+        self.load()
 
     def save(self, state: ServerState, adapter: Adapter) -> None:
         """Persist ``state`` and the global ``adapter`` atomically (see the module docstring)."""
+        from server.bounds import finite_adapter
+
+        check = finite_adapter(adapter)
+        if not check.finite:
+            raise CheckpointError(f"refusing to save a global adapter that is not finite ({check.reason}); "
+                                  f"{self.global_dir} keeps the last finite one")
         self.dir.mkdir(parents=True, exist_ok=True)
         nxt = self.dir / NEXT_DIR
         write_adapter(adapter, nxt, overwrite=True)
@@ -104,11 +145,15 @@ class Checkpoint:
     def load(self) -> tuple[ServerState, Adapter]:
         """The saved state and global adapter; raises :class:`CheckpointError` if they do not agree."""
         data = self._read_state()
-        digest = data.pop("global_sha256", None)
-        try:
-            state = ServerState(**data)
-        except TypeError as exc:
-            raise CheckpointError(f"{self.state_file} has unexpected fields: {exc}") from None
+        checked = validate(_StateFile, data, str(self.state_file), CheckpointError)
+        if checked.round > checked.rounds or len(checked.history) != checked.round:
+            raise CheckpointError(f"{self.state_file}: round {checked.round} of {checked.rounds} with "
+                                  f"{len(checked.history)} history entries is inconsistent; the file was edited")
+        if any(r < 0 for r in checked.node_ranks.values()):
+            raise CheckpointError(f"{self.state_file}: node_ranks must be non-negative ranks")
+        fields = checked.model_dump()
+        digest = fields.pop("global_sha256")
+        state = ServerState(**fields)
         nxt = self.dir / NEXT_DIR
         if _digest(self.global_dir) != digest:
             if _digest(nxt) != digest:

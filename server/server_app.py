@@ -40,7 +40,8 @@ RUN_CONFIG_KEYS = {
     "min-clients": "min_clients", "min-valid": "min_valid", "fraction": "fraction", "round-timeout": "round_timeout",
     "seed": "seed",
     "local-steps": "local_steps", "lr": "lr", "batch-size": "batch_size", "self-prune": "self_prune",
-    "prune-gamma": "prune_gamma", "max-examples": "max_examples",
+    "prune-gamma": "prune_gamma", "prune-lambda": "prune_lambda", "max-examples": "max_examples",
+    "max-update-norm": "max_update_norm", "clip-updates": "clip_updates",
 }
 
 
@@ -63,7 +64,10 @@ class ServerConfig:
     batch_size: int = 0
     self_prune: bool = True
     prune_gamma: float = 0.99
-    max_examples: int = 10_000_000
+    prune_lambda: float = 1.0
+    max_examples: int = 10_000  # a reply weighs at most this many examples (server.replies.ReplyBounds)
+    max_update_norm: float = 0.0  # 0: each reply's bound derived from lr and local_steps
+    clip_updates: float = 0.0  # K > 0: clip parameter updates to K × the round's median norm
 
     def __post_init__(self) -> None:
         from server.aggregation import METHODS
@@ -80,9 +84,8 @@ class ServerConfig:
             raise ConfigError(f"min_valid must be 0 (= min_clients) or positive, got {self.min_valid}")
         if not (0 < self.fraction <= 1) or math.isnan(self.fraction):
             raise ConfigError(f"fraction must be in (0, 1], got {self.fraction}")
-        if self.max_examples < 1:
-            raise ConfigError(f"max_examples must be at least 1, got {self.max_examples}")
         self.train_settings()  # validates the training fields
+        self.reply_bounds()
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> ServerConfig:
@@ -105,7 +108,13 @@ class ServerConfig:
 
         return TrainSettings(local_steps=self.local_steps, lr=self.lr, batch_size=self.batch_size,
                              self_prune=self.self_prune, prune_gamma=self.prune_gamma,
-                             round_timeout=self.round_timeout)
+                             prune_lambda=self.prune_lambda, round_timeout=self.round_timeout)
+
+    def reply_bounds(self) -> Any:
+        from server.replies import ReplyBounds
+
+        return ReplyBounds(max_update_norm=self.max_update_norm, max_examples=self.max_examples,
+                           clip_updates=self.clip_updates)
 
 
 def _coerce(key: str, value: Any, kind: str) -> Any:
@@ -146,10 +155,11 @@ def preflight(config: ServerConfig) -> None:
     ckpt = Checkpoint(config.state_dir)
     if not config.resume:
         ckpt.check_new()
-    elif ckpt.exists():
-        state, _ = ckpt.load()
-        if state.method != config.method:
-            raise CheckpointError(f"{ckpt.dir} holds a {state.method} run; it cannot resume as {config.method}")
+        return
+    ckpt.check_resumable()
+    state, _ = ckpt.load()
+    if state.method != config.method:
+        raise CheckpointError(f"{ckpt.dir} holds a {state.method} run; it cannot resume as {config.method}")
 
 
 def build_strategy(config: ServerConfig) -> tuple[LoraFleetStrategy, int]:
@@ -163,10 +173,11 @@ def build_strategy(config: ServerConfig) -> tuple[LoraFleetStrategy, int]:
     checkpoint = Checkpoint(config.state_dir) if config.state_dir else None
     state, adapter = _initial_state(config, pkg, checkpoint)
     limits = ReplyLimits.from_adapter(pkg.initial_adapter(max(m.ranks)), tuple(m.ranks), m.lora_alpha,
-                                      use_rslora=m.use_rslora, max_examples=config.max_examples)
+                                      use_rslora=m.use_rslora)
     state.global_rank = global_rank_for(config.method, m.ranks)
     strategy = LoraFleetStrategy(global_adapter=adapter, state=state, limits=limits,
-                                 settings=config.train_settings(), checkpoint=checkpoint,
+                                 settings=config.train_settings(), bounds=config.reply_bounds(),
+                                 checkpoint=checkpoint,
                                  min_clients=config.min_clients,
                                  min_valid=config.min_valid or config.min_clients, fraction=config.fraction)
     return strategy, max(config.rounds - state.round, 0)
@@ -179,7 +190,8 @@ def _initial_state(config: ServerConfig, pkg: Package,
     from server.checkpoint import CheckpointError, ServerState
     from server.strategy import global_rank_for
 
-    if checkpoint is not None and config.resume and checkpoint.exists():
+    if checkpoint is not None and config.resume:
+        checkpoint.check_resumable()
         state, adapter = checkpoint.load()
         if state.method != config.method:
             raise CheckpointError(f"{checkpoint.dir} holds a {state.method} run; it cannot resume as "

@@ -1,4 +1,5 @@
-"""The lorafleet strategy: Flower's FedAvg with per-rank payloads and validated heterogeneous-rank aggregation.
+"""The lorafleet strategy: Flower's FedAvg with per-rank payloads and validated, bounded heterogeneous-rank
+aggregation.
 
 A thin adapter over Flower (the pattern of Flower's own FedAdam and FlowerTune): :class:`FedAvg` samples
 nodes and logs; this class
@@ -9,10 +10,16 @@ nodes and logs; this class
   (:func:`server.aggregation.distribute`: the first r components — HetLoRA's truncation, FlexLoRA's rank-r
   SVD slice, Bai et al. 2024), expressed at the package's ``lora_alpha`` so the device's compiled program
   takes it as is;
-* in :meth:`aggregate_train` validates every reply (:mod:`server.validation`), drops and logs the bad ones,
-  and calls the pure aggregation (:func:`server.aggregation.aggregate`) weighted by example counts; with
-  fewer valid replies than the minimum the previous global adapter is kept;
+* in :meth:`aggregate_train` validates every reply (:mod:`server.validation`), bounds, caps and optionally
+  clips them against what each device was sent (:mod:`server.replies`), aggregates the rest with the pure
+  aggregation weighted by example counts, and accepts the result only if it is finite; with fewer valid
+  replies than the minimum the previous global adapter is kept;
 * checkpoints after every round (:mod:`server.checkpoint`).
+
+Subclasses (the emulated fleet) extend it through three hooks, never through its private state:
+:meth:`eligible_nodes` (which connected nodes a round may sample), :meth:`screen_replies` (replies to drop
+before validation, with the reason) and :meth:`round_finished` (a typed :class:`RoundResult` per round);
+:attr:`sent` is the current round's node → rank.
 
 FedAvg needs one rank: every node trains the package's smallest rank (the one any device that can train at
 all can train). HetLoRA and FlexLoRA keep the global adapter at the package's largest rank.
@@ -20,10 +27,9 @@ all can train). HetLoRA and FlexLoRA keep the global adapter at the package's la
 
 from __future__ import annotations
 
-import hashlib
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from logging import INFO, WARNING
 from typing import TYPE_CHECKING, Any
@@ -35,7 +41,8 @@ from flwr.supercore import log
 from export import protocol as P
 from export.adapter import rescale
 from export.errors import ConfigError
-from server.aggregation import METHODS, aggregate, distribute
+from server.aggregation import METHODS, distribute
+from server.replies import ReplyBounds, RoundResult, Training, aggregate_finite, screen
 from server.validation import RejectedUpdate, ReplyLimits, Update, validate_query_reply, validate_train_reply
 
 if TYPE_CHECKING:
@@ -43,6 +50,8 @@ if TYPE_CHECKING:
 
     from export.adapter import Adapter
     from server.checkpoint import Checkpoint, ServerState
+
+__all__ = ["LoraFleetStrategy", "ReplyBounds", "RoundResult", "TrainSettings", "global_rank_for"]
 
 
 @dataclass(frozen=True)
@@ -54,6 +63,7 @@ class TrainSettings:
     batch_size: int = 0  # 0: the package's compiled batch size
     self_prune: bool = True  # HetLoRA only
     prune_gamma: float = 0.99
+    prune_lambda: float = 1.0
     round_timeout: float = 600.0
 
     def __post_init__(self) -> None:
@@ -65,6 +75,8 @@ class TrainSettings:
             raise ConfigError(f"batch_size must be 0 (the package's) or positive, got {self.batch_size}")
         if not 0 < self.prune_gamma < 1:
             raise ConfigError(f"prune_gamma must be in (0, 1), got {self.prune_gamma}")
+        if not 0 <= self.prune_lambda < float("inf"):
+            raise ConfigError(f"prune_lambda must be a non-negative number, got {self.prune_lambda}")
         if not self.round_timeout > 0:
             raise ConfigError(f"round_timeout must be positive, got {self.round_timeout}")
 
@@ -77,23 +89,43 @@ def global_rank_for(method: str, ranks: Iterable[int]) -> int:
 
 
 class LoraFleetStrategy(FedAvg):
-    """FedAvg's sampling with lorafleet's per-rank payloads, validation, aggregation and checkpoints."""
+    """FedAvg's sampling with lorafleet's per-rank payloads, validation, bounds, aggregation and checkpoints."""
 
     def __init__(self, *, global_adapter: Adapter, state: ServerState, limits: ReplyLimits,
-                 settings: TrainSettings, checkpoint: Checkpoint | None = None, min_clients: int = 2,
-                 min_valid: int | None = None, fraction: float = 1.0) -> None:
+                 settings: TrainSettings, bounds: ReplyBounds | None = None, checkpoint: Checkpoint | None = None,
+                 min_clients: int = 2, min_valid: int | None = None, fraction: float = 1.0) -> None:
         super().__init__(fraction_train=fraction, fraction_evaluate=0.0, min_train_nodes=min_clients,
                          min_available_nodes=min_clients)
         self.global_adapter = global_adapter
         self.state = state
         self.limits = limits
         self.settings = settings
+        self.bounds = bounds or ReplyBounds()
         self.checkpoint = checkpoint
         self.min_valid = min_clients if min_valid is None else min_valid
         self.round_offset = state.round  # Flower counts rounds from 1 in every run; a resumed run continues
         self._sent: dict[int, int] = {}  # node id -> rank sent this round
+        self._payloads: dict[int, Adapter] = {}  # rank -> the adapter sent at that rank this round
         self._round_started = 0.0
         self._configure_seconds = 0.0
+
+    # --- hooks ----------------------------------------------------------------------------------------
+
+    def eligible_nodes(self, grid: Grid, server_round: int) -> list[int] | None:
+        """The connected nodes round ``server_round`` may sample (``None``: all of them)."""
+        return None
+
+    def screen_replies(self, server_round: int, replies: list[Message]) -> dict[int, str]:
+        """Replies (by node) to drop before validation, with the reason; nothing by default."""
+        return {}
+
+    def round_finished(self, result: RoundResult) -> None:
+        """Called after every round with what happened in it."""
+
+    @property
+    def sent(self) -> Mapping[int, int]:
+        """This round's node id → the rank it was sent."""
+        return dict(self._sent)
 
     # --- configure ------------------------------------------------------------------------------------
 
@@ -104,21 +136,27 @@ class LoraFleetStrategy(FedAvg):
         ``arrays`` is ignored: the strategy keeps the global adapter itself, at full precision.
         """
         self._round_started = time.perf_counter()
+        self._sent, self._payloads = {}, {}
         rnd = server_round + self.round_offset
         self._wait_for_nodes(grid)
+        eligible = self.eligible_nodes(grid, rnd)
+        if eligible is not None and not eligible:
+            return []
+        view: Any = grid if eligible is None else _NodesView(grid, eligible)
         random.seed(self.state.seed * 1_000_003 + rnd)  # FedAvg samples with `random`: reproducible rounds
-        sampled = [m.metadata.dst_node_id for m in super().configure_train(rnd, ArrayRecord(), config, grid)]
+        sampled = [m.metadata.dst_node_id for m in super().configure_train(rnd, ArrayRecord(), config, view)]
         self._learn_ranks(grid, sampled)
         start = time.perf_counter()
-        payloads: dict[int, ArrayRecord] = {}
-        messages, self._sent = [], {}
+        records: dict[int, ArrayRecord] = {}
+        messages = []
         for node in sampled:
             r = self._train_rank(node)
             if r is None:
                 continue
-            if r not in payloads:
-                payloads[r] = P.adapter_record(self._distributed(r))
-            content = RecordDict({P.ARRAYS: payloads[r], P.CONFIG: self._train_config(config, rnd, r)})
+            if r not in records:
+                self._payloads[r] = self._distributed(r)
+                records[r] = P.adapter_record(self._payloads[r])
+            content = RecordDict({P.ARRAYS: records[r], P.CONFIG: self._train_config(config, rnd, r)})
             messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN))
             self._sent[node] = r
         self._configure_seconds = time.perf_counter() - start
@@ -171,45 +209,68 @@ class LoraFleetStrategy(FedAvg):
             P.LORA_ALPHA: float(self.limits.lora_alpha), P.USE_RSLORA: self.limits.use_rslora,
             P.LOCAL_STEPS: s.local_steps, P.LEARNING_RATE: s.lr, P.BATCH_SIZE: s.batch_size,
             P.SEED: self.state.seed * 1_000_003 + rnd, P.ROUND_TIMEOUT: s.round_timeout,
-            P.SELF_PRUNE: s.self_prune and self.state.method == "hetlora", P.PRUNE_GAMMA: s.prune_gamma,
+            P.SELF_PRUNE: self._self_prune, P.PRUNE_GAMMA: s.prune_gamma, P.PRUNE_LAMBDA: s.prune_lambda,
         })
         return ConfigRecord(cfg)
+
+    @property
+    def _self_prune(self) -> bool:
+        return self.settings.self_prune and self.state.method == "hetlora"
 
     # --- aggregate ------------------------------------------------------------------------------------
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Validate every reply, aggregate the valid ones, checkpoint; see the module docstring."""
+        """Validate, bound and aggregate the round's replies, checkpoint; see the module docstring."""
         rnd = server_round + self.round_offset
         start = time.perf_counter()
-        updates, dropped = self._validated(list(replies))
+        replies = list(replies)
+        dropped = {n: why for n, why in self.screen_replies(rnd, replies).items() if n in self._sent}
+        updates = self._validated([r for r in replies if r.metadata.src_node_id not in dropped], dropped)
         validated = time.perf_counter()
-        aggregated = len(updates) >= self.min_valid
+        s = self.settings
+        training = Training(s.lr, s.local_steps, s.prune_lambda if self._self_prune else 0.0)
+        screened = screen(updates, {n: self._payloads[self._sent[n]] for n in updates}, self.bounds, training)
+        dropped.update(screened.dropped)
+        bounded = time.perf_counter()
+        accepted = screened.updates
+        aggregated = len(accepted) >= self.min_valid
+        finite_check = 0.0
         if aggregated:
-            ordered = sorted(updates.values(), key=_digest)  # arrival order and node ids never matter
-            self.global_adapter = aggregate(self.state.method, [u.adapter for u in ordered],
-                                            [u.num_examples for u in ordered], rank=self.state.global_rank)
-            if self.state.method == "hetlora":  # self-pruned ranks stay pruned (ranks never grow)
-                self.state.node_ranks.update({str(n): u.rank for n, u in updates.items()})
-        else:
-            log(WARNING, "round %d: %d valid replies, fewer than the minimum %d: the global adapter is kept",
-                rnd, len(updates), self.min_valid)
+            result, unfinite, finite_check = aggregate_finite(self.state.method, accepted, self.state.global_rank,
+                                                              screened.change_norms)
+            dropped.update(unfinite)
+            accepted = {n: u for n, u in accepted.items() if n not in unfinite}
+            aggregated = result is not None and len(accepted) >= self.min_valid
+            if aggregated:
+                assert result is not None
+                self.global_adapter = result
+                if self.state.method == "hetlora":  # self-pruned ranks stay pruned (ranks never grow)
+                    self.state.node_ranks.update({str(n): u.rank for n, u in accepted.items()})
+        if not aggregated:
+            log(WARNING, "round %d: %d usable replies, fewer than the minimum %d: the global adapter is kept",
+                rnd, len(accepted), self.min_valid)
+        for node, why in sorted(dropped.items()):
+            log(WARNING, "reply from node %d dropped: %s", node, why)
         done = time.perf_counter()
-        entry = self._history_entry(rnd, updates, dropped, aggregated,
-                                    {"configure": self._configure_seconds, "validation": validated - start,
-                                     "aggregation": done - validated, "round": done - self._round_started})
+        outcome = RoundResult(rnd, self.state.global_rank, dict(self._sent), accepted, dropped, aggregated,
+                              screened.notes, screened.change_norms,
+                              {"configure": self._configure_seconds, "validation": validated - start,
+                               "bounds": bounded - validated, "aggregation": done - bounded - finite_check,
+                               "finite_check": finite_check, "round": done - self._round_started})
         self.state.round, self.state.finished = rnd, rnd >= self.state.rounds
-        self.state.history.append(entry)
+        self.state.history.append(outcome.history_entry())
         if self.checkpoint is not None:
             self.checkpoint.save(self.state, self.global_adapter)
-        metrics = MetricRecord({"valid-replies": len(updates), "dropped-replies": len(dropped),
-                                "aggregated": int(aggregated), **({"loss": entry["loss"]} if entry["loss"] else {})})
+        self.round_finished(outcome)
+        loss = outcome.loss
+        metrics = MetricRecord({"valid-replies": len(accepted), "dropped-replies": len(dropped),
+                                "aggregated": int(aggregated), **({"loss": loss} if loss else {})})
         return P.adapter_record(self.global_adapter), metrics
 
-    def _validated(self, replies: list[Message]) -> tuple[dict[int, Update], dict[int, str]]:
-        """Valid updates and the reasons the others were dropped, by node id."""
+    def _validated(self, replies: list[Message], dropped: dict[int, str]) -> dict[int, Update]:
+        """Valid updates by node id; the reasons the others were dropped go into ``dropped``."""
         updates: dict[int, Update] = {}
-        dropped: dict[int, str] = {}
         for reply in replies:
             node = reply.metadata.src_node_id
             if node not in self._sent:
@@ -220,40 +281,29 @@ class LoraFleetStrategy(FedAvg):
                 reason = "more than one reply"
             else:
                 try:
-                    may_shrink = self.state.method == "hetlora" and self.settings.self_prune
                     updates[node] = validate_train_reply(reply.content, self._sent[node], self.limits,
-                                                         may_shrink=may_shrink)
+                                                         may_shrink=self._self_prune)
                     continue
                 except RejectedUpdate as exc:
                     reason = str(exc)
             updates.pop(node, None)
             dropped[node] = reason
-            log(WARNING, "reply from node %d dropped: %s", node, reason)
         for node in self._sent.keys() - updates.keys() - dropped.keys():
             dropped[node] = f"no reply within the round timeout ({self.settings.round_timeout:g} s)"
-            log(WARNING, "node %d: %s", node, dropped[node])
-        return updates, dropped
-
-    def _history_entry(self, rnd: int, updates: dict[int, Update], dropped: dict[int, str], aggregated: bool,
-                       seconds: dict[str, float]) -> dict[str, Any]:
-        losses = [(u.metrics[P.LOSS], u.num_examples) for u in updates.values() if P.LOSS in u.metrics]
-        total = sum(n for _, n in losses)
-        return {
-            "round": rnd, "aggregated": aggregated, "global_rank": self.state.global_rank,
-            "sent": {str(n): r for n, r in sorted(self._sent.items())},
-            "valid": {str(n): {"rank": u.rank, "num_examples": u.num_examples} for n, u in sorted(updates.items())},
-            "dropped": {str(n): why for n, why in sorted(dropped.items())},
-            "loss": sum(v * n for v, n in losses) / total if total else None,
-            "seconds": {k: round(v, 6) for k, v in seconds.items()},
-        }
+        return updates
 
 
-def _digest(update: Update) -> str:
-    h = hashlib.sha256()
-    for key, t in sorted(update.adapter.state_dict().items()):
-        h.update(key.encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
+class _NodesView:
+    """A Grid that shows only ``nodes`` to Flower's sampling."""
+
+    def __init__(self, grid: Grid, nodes: list[int]):
+        self._grid, self._nodes = grid, list(nodes)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+    def get_node_ids(self) -> list[int]:
+        return list(self._nodes)
 
 
 def _counts(ranks: Iterable[int]) -> dict[int, int]:

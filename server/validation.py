@@ -3,9 +3,10 @@
 A train reply must hold exactly two records — ``arrays`` (the adapter) and ``metrics`` — and nothing else.
 It is checked cheapest first, and nothing is deserialized before its metadata passed:
 
-1. metrics: only the protocol's keys (:data:`export.protocol.TRAIN_REPLY_METRICS`); ``num-examples`` an
-   integer in ``[1, max_examples]``; ``rank`` one of the package's ranks, equal to the rank the device was
-   sent (HetLoRA may shrink it by self-pruning, never grow it); other values finite numbers;
+1. metrics: only the protocol's keys (:data:`export.protocol.TRAIN_REPLY_METRICS`); ``num-examples`` a
+   positive integer (how much it weighs is capped later, :mod:`server.replies`); ``rank`` one of the
+   package's ranks, equal to the rank the device was sent (HetLoRA may shrink it by self-pruning, never grow
+   it); other values finite numbers;
 2. array names: exactly the PEFT keys of every target module at that rank — none missing, none extra;
 3. array metadata: ``numpy.ndarray`` serialization, a float dtype (float16/32/64, native byte order), the
    declared shape equal to the model's (lora_A r × in, lora_B out × r), the payload no larger than that
@@ -15,6 +16,7 @@ It is checked cheapest first, and nothing is deserialized before its metadata pa
 
 A failing reply raises :class:`RejectedUpdate` with a one-line reason; the strategy logs it, counts it in the
 round's metrics and leaves the reply out. Limits come from the package (:meth:`ReplyLimits.from_adapter`).
+How large a valid update may be is :mod:`server.replies`' concern.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ if TYPE_CHECKING:
     from export.adapter import Adapter
 
 NPY_HEADER_MAX = 4096  # numpy's .npy header (magic, version, dict) is far smaller; a bigger payload is padding
-DEFAULT_MAX_EXAMPLES = 10_000_000
+MAX_INT64 = 2**63 - 1
 
 
 class RejectedUpdate(LorafleetError):
@@ -48,7 +50,6 @@ class ReplyLimits:
     ranks: tuple[int, ...]
     lora_alpha: float
     use_rslora: bool = False
-    max_examples: int = DEFAULT_MAX_EXAMPLES
     target_modules: tuple[str, ...] = field(default=())
 
     def __post_init__(self) -> None:
@@ -56,16 +57,14 @@ class ReplyLimits:
             raise ConfigError("ReplyLimits.module_shapes is empty")
         if not self.ranks or any(r <= 0 for r in self.ranks):
             raise ConfigError(f"ReplyLimits.ranks must be positive integers, got {self.ranks}")
-        if self.max_examples < 1:
-            raise ConfigError(f"ReplyLimits.max_examples must be at least 1, got {self.max_examples}")
 
     @classmethod
     def from_adapter(cls, adapter: Adapter, ranks: tuple[int, ...], lora_alpha: float, *,
-                     use_rslora: bool = False, max_examples: int = DEFAULT_MAX_EXAMPLES) -> ReplyLimits:
+                     use_rslora: bool = False) -> ReplyLimits:
         """Limits for a package whose adapters have ``adapter``'s modules (e.g. its initial adapter)."""
         shapes = {name: p.shape for name, p in adapter.modules.items()}
         targets = tuple(sorted({name.rsplit(".", 1)[-1] for name in shapes}))
-        return cls(shapes, tuple(sorted(ranks)), lora_alpha, use_rslora, max_examples, targets)
+        return cls(shapes, tuple(sorted(ranks)), lora_alpha, use_rslora, targets)
 
 
 @dataclass(frozen=True)
@@ -83,7 +82,7 @@ def validate_train_reply(content: RecordDict, sent_rank: int, limits: ReplyLimit
     """Check a train reply against the rank it was sent; raise :class:`RejectedUpdate` with the reason."""
     _check_records(content, {P.ARRAYS: "ArrayRecord", P.METRICS: "MetricRecord"})
     metrics = _numbers(content.metric_records[P.METRICS], P.TRAIN_REPLY_METRICS, required=(P.NUM_EXAMPLES, P.RANK))
-    num_examples = _integer(metrics, P.NUM_EXAMPLES, 1, limits.max_examples)
+    num_examples = _integer(metrics, P.NUM_EXAMPLES, 1, MAX_INT64)
     rank = _integer(metrics, P.RANK, 1, max(limits.ranks))
     if rank not in limits.ranks:
         raise RejectedUpdate(f"rank {rank} is not one of the package's ranks {list(limits.ranks)}")

@@ -4,8 +4,8 @@
   Flower's wire objects and put back together (deflate/inflate, as the SuperLink transports them), then
   handed to an in-process device function. The strategy runs unchanged on it, in milliseconds.
 * device fakes for the validation tests (``reply``), test device profiles whose ranks differ by network
-  speed, a throw-away CA with a server certificate for 127.0.0.1, and process management for the
-  deployment tests (every process started is killed at teardown, with its whole process group).
+  speed, and process management for the deployment tests (every process started is killed at teardown,
+  with its whole process group). TLS files come from :func:`lorafleet.certs.write_tls`, as a user's do.
 """
 
 from __future__ import annotations
@@ -153,41 +153,6 @@ def write_data(path: Path, n: int, offset: int) -> Path:
              for i in range(n)]
     path.write_text("\n".join(lines) + "\n")
     return path
-
-
-# --- TLS material -----------------------------------------------------------------------------------------
-
-def make_tls(directory: Path) -> dict[str, Path]:
-    """A throw-away CA and a server certificate for 127.0.0.1 / localhost signed by it (PEM files)."""
-    import datetime
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "lorafleet test CA")])
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-          .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-          .not_valid_after(now + datetime.timedelta(days=1))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .sign(ca_key, hashes.SHA256()))
-    key = ec.generate_private_key(ec.SECP256R1())
-    san = x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
-    cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
-            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(san, critical=False).sign(ca_key, hashes.SHA256()))
-    directory.mkdir(parents=True, exist_ok=True)
-    files = {"ca": directory / "ca.pem", "cert": directory / "server.pem", "key": directory / "server.key"}
-    files["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    files["cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    files["key"].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                               serialization.NoEncryption()))
-    return files
 
 
 # --- processes --------------------------------------------------------------------------------------------

@@ -97,3 +97,65 @@ def _written(tmp_path, seed):
     if not out.exists():
         write_adapter(random_adapter(8, seed=seed), out)
     return out
+
+
+def _edited(tmp_path, **fields):
+    ckpt = Checkpoint(tmp_path / "s")
+    ckpt.save(state(2), random_adapter(8))
+    data = json.loads(ckpt.state_file.read_text())
+    data.update(fields)
+    ckpt.state_file.write_text(json.dumps(data))
+    return ckpt
+
+
+@pytest.mark.parametrize(("fields", "match"), [
+    ({"round": -5}, r"field 'round': Input should be greater than or equal to 0"),
+    ({"round": "abc"}, r"field 'round': Input should be a valid integer, got 'abc'"),
+    ({"round": 2.0}, r"field 'round': Input should be a valid integer"),
+    ({"rounds": 0}, r"field 'rounds'"),
+    ({"round": 3}, r"round 3 of 3 with 2 history entries is inconsistent"),
+    ({"method": 7}, r"field 'method'"),
+    ({"global_rank": True}, r"field 'global_rank'"),
+    ({"node_ranks": {"1": "four"}}, r"field 'node_ranks.1'"),
+    ({"node_ranks": {"1": -4}}, r"node_ranks must be non-negative"),
+    ({"history": "none"}, r"field 'history'"),
+    ({"finished": "yes"}, r"field 'finished'"),
+    ({"surprise": 1}, r"field 'surprise': Extra inputs are not permitted"),
+    ({"global_sha256": "00"}, r"field 'global_sha256'"),
+])
+def test_every_state_field_is_checked_on_load(tmp_path, fields, match):
+    ckpt = _edited(tmp_path, **fields)
+    with pytest.raises(CheckpointError, match=match):
+        ckpt.load()
+
+
+def test_a_missing_field_is_named(tmp_path):
+    ckpt = Checkpoint(tmp_path / "s")
+    ckpt.save(state(1), random_adapter(8))
+    data = json.loads(ckpt.state_file.read_text())
+    del data["rounds"]
+    ckpt.state_file.write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match="missing field 'rounds'"):
+        ckpt.load()
+
+
+def test_resume_without_a_state_refuses_and_touches_nothing(tmp_path):
+    ckpt = Checkpoint(tmp_path / "s")
+    ckpt.save(state(2), random_adapter(8, seed=4))
+    ckpt.state_file.unlink()  # the trained adapter is still there
+    before = _tree(tmp_path / "s")
+    with pytest.raises(CheckpointError, match="holds no state.json, so there is nothing to resume"):
+        ckpt.check_resumable()
+    with pytest.raises(CheckpointError, match=r"holds a global adapter \(global/\) but no state.json: refusing"):
+        ckpt.check_new()  # and a fresh run must not overwrite it either
+    assert _tree(tmp_path / "s") == before
+
+
+def test_resume_of_an_empty_or_missing_directory_refuses(tmp_path):
+    for d in (tmp_path / "missing", tmp_path):
+        with pytest.raises(CheckpointError, match="nothing to resume"):
+            Checkpoint(d).check_resumable()
+
+
+def _tree(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}

@@ -51,7 +51,8 @@ class Device:
         arrays = received_arrays(msg)
         self.received.append((cfg[P.RANK], arrays, dict(cfg)))
         g = np.random.default_rng(self.seed * 100 + int(cfg[P.SERVER_ROUND]))
-        out = {k: (v + 0.05 * g.standard_normal(v.shape)).astype(np.float32) for k, v in arrays.items()}
+        # a trained-like update: every element moves at most 0.1, within what AdamW can do in 10 steps at lr 1e-3
+        out = {k: (v + 0.05 * np.clip(g.standard_normal(v.shape), -2, 2)).astype(np.float32) for k, v in arrays.items()}
         r = int(cfg[P.RANK])
         if self.prune_to is not None and self.prune_to < r:
             r = self.prune_to
@@ -239,3 +240,15 @@ def test_checkpoint_is_written_after_every_round(package, tmp_path):
 
     run(package, tmp_path, {1: Spy(2, 1), 2: Device(4, 2)}, rounds=3)
     assert seen == [0, 1, 2]  # round 0 (the initial adapter) is saved before round 1 starts
+
+
+def test_resume_with_nothing_saved_refuses_instead_of_starting_over(package, tmp_path):
+    from server.checkpoint import CheckpointError
+    from server.server_app import preflight
+
+    cfg = config(package, tmp_path, rounds=2, resume=True)
+    with pytest.raises(CheckpointError, match="nothing to resume"):
+        preflight(cfg)
+    with pytest.raises(CheckpointError, match="nothing to resume"):
+        run(package, tmp_path, {1: Device(2, 1), 2: Device(4, 2)}, rounds=2, resume=True)
+    assert not (tmp_path / "state" / "global").exists()

@@ -22,7 +22,7 @@ ALPHA = 16.0
 
 @pytest.fixture(scope="module")
 def limits() -> ReplyLimits:
-    return ReplyLimits.from_adapter(random_adapter(8), RANKS, ALPHA, max_examples=1000)
+    return ReplyLimits.from_adapter(random_adapter(8), RANKS, ALPHA)
 
 
 def arrays_at(r: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -104,9 +104,8 @@ def test_corrupt_arrays_are_rejected(limits, corrupt, reason):
 
 
 @pytest.mark.parametrize(("num_examples", "rank", "sent", "may_shrink", "reason"), [
-    (-3, 4, 4, False, r"num-examples must be an integer in \[1, 1000\], got -3"),
-    (0, 4, 4, False, r"num-examples must be an integer in \[1, 1000\], got 0"),
-    (10_000, 4, 4, False, "num-examples must be an integer"),
+    (-3, 4, 4, False, r"num-examples must be an integer in \[1, \d+\], got -3"),
+    (0, 4, 4, False, r"num-examples must be an integer in \[1, \d+\], got 0"),
     (2.5, 4, 4, False, "num-examples must be an integer"),
     (10, 8, 4, False, "rank 8 differs from the rank 4 the device was sent"),
     (10, 8, 4, True, r"rank 8 differs from the rank 4 the device was sent \(ranks never grow\)"),

@@ -122,3 +122,19 @@ def test_cli_train_bad_input_is_one_line(tiny_package, tmp_path, capsys, case, m
     assert err.count("\n") == 0 and err.startswith("lorafleet: error: ")
     assert __import__("re").search(match, err), err
     assert case == "out_exists" or not out.exists()
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "executorch", "torch"])
+def test_a_bf16_adapter_trains_on_every_backend(tiny_package, tmp_path, capsys, backend):
+    from export.adapter import Adapter, LoraPair, write_adapter
+
+    start = nonzero_adapter(4)
+    bf16 = Adapter({n: LoraPair(p.lora_A.bfloat16(), p.lora_B.bfloat16(), p.scaling) for n, p in start.modules.items()},
+                   dict(start.config))
+    adapter_dir = write_adapter(bf16, tmp_path / "bf16")
+    data = write_jsonl(tmp_path / "d.jsonl", EXAMPLES)
+    args = _train_args(tiny_package, data, tmp_path / "out", "--adapter", str(adapter_dir))
+    args[args.index("onnxruntime")] = backend
+    code = main(args)
+    assert code == 0, capsys.readouterr().err
+    assert read_adapter(tmp_path / "out").r == 4

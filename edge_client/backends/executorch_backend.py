@@ -31,8 +31,12 @@ class ExecutorchBackend:
     @classmethod
     def from_package(cls, package: Package, rank: int, optimizer: OptimizerConfig) -> ExecutorchBackend:
         from export.executorch import load_training
+        from export.manifest import Compiled, check_compiled
 
         program = load_training(package.path_of(rank, "executorch_training"), package.foundation("executorch"))
+        lora = program.lora
+        check_compiled(package.manifest, rank, "executorch_training",
+                       Compiled(lora.r, lora.lora_alpha, lora.use_rslora, lora.target_modules, program.input_shape))
         backend = cls(program, rank, optimizer)
         backend.load_adapter(package.initial_adapter(rank))
         return backend

@@ -2,15 +2,18 @@
 
 from lorafleet.commands import (
     aggregate,
+    certs,
     client,
     demo,
     distribute,
     export,
     fleet,
+    gateway,
     models,
     profile,
     serve,
     train,
 )
 
-COMMAND_MODULES = [export, profile, train, aggregate, distribute, serve, client, fleet, models, demo]
+COMMAND_MODULES = [export, profile, train, aggregate, distribute, serve, client, gateway, certs, fleet, models,
+                   demo]

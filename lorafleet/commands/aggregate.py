@@ -46,6 +46,10 @@ def register(app: typer.Typer) -> None:
                                                          "sparsity weights by them.")] = None,
         rank: Annotated[int | None, typer.Option("--rank", metavar="R",
                                                  help="Global rank (default: the largest client rank).")] = None,
+        max_update_norm: Annotated[str, typer.Option(
+            "--max-update-norm", metavar="auto|N",
+            help="Refuse a client whose ‖ΔW‖_F exceeds N (auto: a root-mean-square change of 1000 per "
+                 "base weight).")] = "auto",
     ) -> None:
         """Aggregate client adapters of different ranks (and lora_alpha) into a global adapter."""
         from export.adapter import write_adapter
@@ -56,7 +60,10 @@ def register(app: typer.Typer) -> None:
             raise LorafleetError(f"output {out} already exists")
         parsed = parse_weights(weights)
         options = {"use_weights": True} if method == "hetlora" and parsed is not None else {}
-        result = aggregate_dirs(method, adapters, parsed, rank=rank, **options)
+        from lorafleet.commands.serve import parse_auto
+
+        bound = parse_auto(max_update_norm, "--max-update-norm") or None
+        result = aggregate_dirs(method, adapters, parsed, rank=rank, max_update_norm=bound, **options)
         write_adapter(result, out)
         ranks = sorted(result.ranks)
         shown = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}"

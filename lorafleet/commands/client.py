@@ -18,6 +18,14 @@ import typer
 from export.errors import ConfigError
 
 
+def check_sha256(text: str) -> str:
+    """A FAB digest as ``flwr`` prints it: 64 hex digits."""
+    digest = text.strip().lower()
+    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise ConfigError(f"--trust-app must be a FAB's sha256 (64 hex digits), got {text!r}")
+    return digest
+
+
 def register(app: typer.Typer) -> None:
     @app.command("client")
     def client(
@@ -34,6 +42,13 @@ def register(app: typer.Typer) -> None:
         root_certificates: Annotated[str, typer.Option("--root-certificates", metavar="CA",
                                                        help="TLS: the CA certificate to verify the server "
                                                             "with (without it the connection is plaintext).")] = "",
+        auth_key: Annotated[Path | None, typer.Option("--auth-key", metavar="FILE",
+                                                      help="This device's private key (lorafleet node-key) for "
+                                                           "SuperNode authentication; needs TLS.")] = None,
+        trust_app: Annotated[list[str] | None, typer.Option(
+            "--trust-app", metavar="SHA256",
+            help="Also run the Flower app with this FAB sha256 (repeatable); by default a device runs only "
+                 "the lorafleet app it has installed.")] = None,
     ) -> None:
         """Run a lorafleet device on Flower (SuperNode + the lorafleet ClientApp)."""
         from edge_client.data import read_jsonl
@@ -57,6 +72,8 @@ def register(app: typer.Typer) -> None:
             typer.echo("lorafleet: warning: no --root-certificates: the connection to the server is plaintext")
         typer.echo(f"lorafleet: device ({'measured' if measure else profile}) with {len(examples)} examples, "
                    f"backend {chosen}, connecting to {server}")
-        code = run_client(settings, server, Tls(ca_certfile=root_certificates))
+        trusted = tuple(check_sha256(h) for h in trust_app or ())
+        code = run_client(settings, server, Tls(ca_certfile=root_certificates), auth_key=auth_key,
+                          trusted_apps=trusted)
         if code not in (0, -15):
             raise typer.Exit(code)

@@ -20,14 +20,28 @@ def register(app: typer.Typer) -> None:
         global_dir: Annotated[Path, typer.Argument(metavar="GLOBAL_DIR", help="The global PEFT adapter directory.")],
         rank: Annotated[int, typer.Option("--rank", metavar="r", help="The client's LoRA rank.")],
         out: Annotated[Path, typer.Option("--out", help="Output PEFT adapter directory (must not exist).")],
+        max_update_norm: Annotated[str, typer.Option(
+            "--max-update-norm", metavar="auto|N",
+            help="Refuse a global adapter whose ‖ΔW‖_F exceeds N (auto: a root-mean-square change of 1000 per "
+                 "base weight).")] = "auto",
     ) -> None:
         """Cut the global adapter down to a client's rank (the first r components)."""
         from export.adapter import read_adapter, write_adapter
-        from export.errors import LorafleetError
+        from export.errors import AdapterError, LorafleetError
+        from lorafleet.commands.serve import parse_auto
+        from server import bounds
+        from server.aggregation import check_output
         from server.aggregation import distribute as cut
 
         if out.exists():
             raise LorafleetError(f"output {out} already exists")
-        result = cut(read_adapter(global_dir), rank)
+        global_adapter = read_adapter(global_dir)
+        limit = parse_auto(max_update_norm, "--max-update-norm") or bounds.rms_bound(global_adapter)
+        norm = bounds.change_norm(global_adapter, None)
+        if not norm <= limit:
+            raise AdapterError(f"{global_dir}: its ‖ΔW‖_F = {norm:.3g} is above the bound {limit:.3g} "
+                               f"(--max-update-norm)")
+        result = cut(global_adapter, rank)
+        check_output(result)
         write_adapter(result, out)
         typer.echo(f"wrote {out}: rank {result.r} of {global_dir}")

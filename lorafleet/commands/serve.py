@@ -2,10 +2,12 @@
 
     lorafleet serve --package PKG --method M --rounds R [--min-clients N] [--fraction F] [--round-timeout S]
                     --address HOST:PORT --state DIR [--resume]
-                    [--ssl-certfile CERT --ssl-keyfile KEY --ssl-ca-certfile CA]
+                    [--ssl-certfile CERT --ssl-keyfile KEY --ssl-ca-certfile CA] [--authorized-keys DIR]
+                    [--max-update-norm N] [--max-examples N] [--clip-updates K]
 
-Exits 0 after R rounds; DIR holds ``global/`` (the global PEFT adapter) and ``state.json``. The orchestration
-is :func:`lorafleet.federation.serve`.
+Exits 0 after R rounds; DIR holds ``global/`` (the global PEFT adapter) and ``state.json``. Devices reach
+only the Fleet API on ``--address`` (:mod:`lorafleet.gateway`); the orchestration is
+:func:`lorafleet.federation.serve`; docs/SECURITY.md has the deployment.
 """
 
 from __future__ import annotations
@@ -16,7 +18,21 @@ from typing import Annotated
 import click
 import typer
 
+from export.errors import ConfigError
 from server.aggregation import METHODS
+
+
+def parse_auto(text: str, flag: str) -> float:
+    """``auto`` -> 0.0 (the derived default), else a positive number."""
+    if text.strip().lower() == "auto":
+        return 0.0
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"{flag} must be auto or a positive number, got {text!r}") from None
+    if not (value > 0 and value < float("inf")):
+        raise ConfigError(f"{flag} must be auto or a positive number, got {text!r}")
+    return value
 
 
 def register(app: typer.Typer) -> None:
@@ -54,6 +70,19 @@ def register(app: typer.Typer) -> None:
         ssl_ca_certfile: Annotated[str, typer.Option("--ssl-ca-certfile", metavar="CA",
                                                      help="TLS: the CA certificate devices verify the server "
                                                           "with.")] = "",
+        authorized_keys: Annotated[Path | None, typer.Option(
+            "--authorized-keys", metavar="PATH",
+            help="SuperNode authentication: a .pub key, or a directory of them (lorafleet node-key); only "
+                 "devices holding one of the private keys can join. Needs TLS.")] = None,
+        max_update_norm: Annotated[str, typer.Option(
+            "--max-update-norm", metavar="auto|N",
+            help="Drop a reply whose weight change ‖ΔW − ΔW_sent‖_F exceeds N; auto: drop one that moved any "
+                 "LoRA parameter further than AdamW can in --local-steps steps at --lr (docs/SECURITY.md).")] = "auto",
+        max_examples: Annotated[int, typer.Option("--max-examples", min=1,
+                                                  help="A reply weighs at most this many examples.")] = 10_000,
+        clip_updates: Annotated[float, typer.Option(
+            "--clip-updates", metavar="K",
+            help="Clip each reply's parameter update to K × the round's median norm (0: off; K >= 1).")] = 0.0,
     ) -> None:
         """Run a lorafleet federation server on Flower (SuperLink + the lorafleet ServerApp)."""
         from lorafleet.federation import Tls
@@ -63,7 +92,10 @@ def register(app: typer.Typer) -> None:
         config = ServerConfig(package=str(package.resolve()), method=method, rounds=rounds,
                               state_dir=str(state.resolve()), resume=resume, min_clients=min_clients,
                               min_valid=min_valid, fraction=fraction, round_timeout=round_timeout, seed=seed,
-                              local_steps=local_steps, lr=lr)
-        final = run_serve(config, address, Tls(ssl_certfile, ssl_keyfile, ssl_ca_certfile), echo=typer.echo)
+                              local_steps=local_steps, lr=lr, max_update_norm=parse_auto(max_update_norm,
+                                                                                          "--max-update-norm"),
+                              max_examples=max_examples, clip_updates=clip_updates)
+        final = run_serve(config, address, Tls(ssl_certfile, ssl_keyfile, ssl_ca_certfile),
+                          authorized_keys=authorized_keys, echo=typer.echo)
         typer.echo(f"lorafleet: {final.method} finished: round {final.round} of {final.rounds}; global adapter in "
                    f"{state / 'global'}")

@@ -17,12 +17,13 @@ ranks or options.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from export.adapter import Adapter, truncate
-from export.errors import AggregationError
+from export.adapter import Adapter, LoraPair, truncate
+from export.errors import AdapterError, AggregationError
 from server.aggregation import engine, fedavg, flexlora, hetlora
 from server.aggregation.common import AggregationMethod, check_finite, specs_of, validate_clients
 from server.aggregation.streaming import LazyAdapter, open_clients
@@ -58,15 +59,49 @@ def aggregate(method: str, adapters: Sequence[Adapter], weights: Sequence[float]
 
 
 def aggregate_dirs(method: str, paths: Sequence[str | Path], weights: Sequence[float] | None = None, *,
-                   rank: int | None = None, **options: Any) -> Adapter:
+                   rank: int | None = None, max_update_norm: float | None = None, **options: Any) -> Adapter:
     """:func:`aggregate` over PEFT adapter directories, streamed module by module (see
-    :mod:`server.aggregation.streaming`). Every client is validated from its header before any value is read."""
+    :mod:`server.aggregation.streaming`). Every client is validated from its header before any value is read.
+
+    Clients are untrusted: one whose ‖ΔW‖_F (over all its modules) exceeds ``max_update_norm`` is refused —
+    by default a root-mean-square change of :data:`server.bounds.DEFAULT_MAX_DELTA_RMS` per base weight,
+    ``math.inf`` to switch the bound off — and a result that is not finite is never returned
+    (:func:`server.bounds.finite_adapter`)."""
+    from contextlib import ExitStack
+
+    from server import bounds
+
     m = get_method(method)
     if not paths:
         raise AggregationError("no client adapters to aggregate")
-    clients = open_clients(paths)
-    return engine.run(m, [c.specs for c in clients], [str(c.path) for c in clients], [c.config for c in clients],
-                      lambda name: [c.pair(name) for c in clients], weights, rank, options)
+    with ExitStack() as stack:
+        clients = open_clients(paths, stack)
+        sizes = sum(s.shape[0] * s.shape[1] for s in clients[0].specs.values())
+        limit = bounds.DEFAULT_MAX_DELTA_RMS * math.sqrt(sizes) if max_update_norm is None else max_update_norm
+        squares = [0.0] * len(clients)
+
+        def load(name: str) -> list[LoraPair]:
+            pairs = [c.pair(name) for c in clients]
+            for i, (client, pair) in enumerate(zip(clients, pairs, strict=True)):
+                squares[i] += bounds.change_sq_norm(pair, None)
+                if not math.sqrt(squares[i]) <= limit:
+                    raise AdapterError(f"{client.path}: its update has ‖ΔW‖_F above the bound {limit:.3g} "
+                                       f"(--max-update-norm; at least {math.sqrt(squares[i]):.3g})")
+            return pairs
+
+        result = engine.run(m, [c.specs for c in clients], [str(c.path) for c in clients],
+                            [c.config for c in clients], load, weights, rank, options)
+    check_output(result)
+    return result
+
+
+def check_output(adapter: Adapter) -> None:
+    """Raise :class:`AggregationError` unless ``adapter`` is finite (factors and every ΔW in float32)."""
+    from server.bounds import finite_adapter
+
+    verdict = finite_adapter(adapter)
+    if not verdict.finite:
+        raise AggregationError(f"the aggregate is not finite ({verdict.reason}); nothing was written")
 
 
 def distribute(global_adapter: Adapter, r: int) -> Adapter:

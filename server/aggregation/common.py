@@ -65,8 +65,10 @@ def client_weights(weights: Sequence[float] | None, n_clients: int) -> list[floa
     for i, w in enumerate(ws):
         if isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w) or w <= 0:
             raise AggregationError(f"weight {i + 1} must be a positive finite number, got {w!r}")
-    total = math.fsum(ws)
-    return [w / total for w in ws]
+    top = max(ws)  # divide by the largest first: 1e308 + 1e308 overflows, their ratios do not
+    scaled = [w / top for w in ws]
+    total = math.fsum(scaled)
+    return [w / total for w in scaled]
 
 
 def check_specs(specs: Sequence[dict[str, ModuleSpec]], origins: Sequence[str]) -> None:

@@ -2,16 +2,18 @@
 
 :class:`LazyAdapter` opens a client's directory and reads only its ``adapter_config.json`` and the
 safetensors *header* (names, shapes, dtypes: enough to validate the client against the others). Tensor
-values are read later, one module at a time, with ``safetensors.safe_open``: the engine asks for module m,
+values are read later, one module at a time, through one ``safetensors.safe_open`` handle per client kept
+open for the whole run (the header is parsed once, not once per module): the engine asks for module m,
 every client's lora_A / lora_B of m are read, checked (finite, shapes, rank as declared) and aggregated,
 then dropped. Peak memory is therefore one module's factors for all clients plus the global adapter being
 built, not K full adapters. Client files are never unpickled: a directory holding only ``adapter_model.bin``
-is refused.
+is refused. Close the handles with :meth:`LazyAdapter.close` (or use it as a context manager).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -37,16 +39,30 @@ class LazyAdapter:
         self.config: dict[str, Any] = _read_config(self.path / "adapter_config.json")
         self._keys: dict[str, tuple[str, str]] = {}  # module -> (lora_A key, lora_B key)
         self.specs: dict[str, ModuleSpec] = {}
-        self._read_header()
+        self._file: Any = None
+        try:
+            self._read_header()
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self) -> LazyAdapter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.__exit__(None, None, None)
+            self._file = None
 
     def pair(self, module: str) -> LoraPair:
         """Read and check one module's factors (finite values, shapes, rank as the config says)."""
-        from safetensors import safe_open
-
         key_a, key_b = self._keys[module]
         try:
-            with safe_open(str(self.weights), framework="pt") as f:
-                tensors = {key_a: f.get_tensor(key_a), key_b: f.get_tensor(key_b)}
+            f = self._file
+            tensors = {key_a: f.get_tensor(key_a), key_b: f.get_tensor(key_b)}
         except Exception as exc:  # the file changed or broke after the header was read
             raise AdapterError(f"corrupt or truncated safetensors file {self.weights}: "
                                f"{str(exc).splitlines()[0]}") from exc
@@ -57,8 +73,10 @@ class LazyAdapter:
         from safetensors import safe_open
 
         try:
-            with safe_open(str(self.weights), framework="pt") as f:
-                header = {k: (f.get_slice(k).get_shape(), f.get_slice(k).get_dtype()) for k in f.keys()}  # noqa: SIM118
+            f = safe_open(str(self.weights), framework="pt")
+            f.__enter__()
+            self._file = f
+            header = {k: (f.get_slice(k).get_shape(), f.get_slice(k).get_dtype()) for k in f.keys()}  # noqa: SIM118
         except Exception as exc:  # SafetensorError on a corrupt or truncated header
             raise AdapterError(f"corrupt or truncated safetensors file {self.weights}: "
                                f"{str(exc).splitlines()[0]}") from exc
@@ -74,6 +92,7 @@ class LazyAdapter:
         self.specs = {n: ModuleSpec(p.r, p.shape, p.scaling) for n, p in adapter.modules.items()}
 
 
-def open_clients(paths: Sequence[str | Path]) -> list[LazyAdapter]:
-    """Open every client directory (configs and headers only), failing on the first bad one."""
-    return [LazyAdapter(p) for p in paths]
+def open_clients(paths: Sequence[str | Path], stack: ExitStack) -> list[LazyAdapter]:
+    """Open every client directory (configs and headers only), failing on the first bad one; ``stack``
+    closes them."""
+    return [stack.enter_context(LazyAdapter(p)) for p in paths]
