@@ -29,7 +29,8 @@ def error(capsys) -> str:
 
 
 def test_serve_refuses_a_used_state_directory(package, tmp_path, capsys):
-    Checkpoint(tmp_path / "state").save(ServerState(method="hetlora", rounds=2, round=1), random_adapter(4))
+    Checkpoint(tmp_path / "state").save(ServerState(method="hetlora", rounds=2, round=1, history=[{"round": 1}]),
+                                         random_adapter(4))
     assert main(serve(package, tmp_path)) == 1
     assert "already holds a run (hetlora, round 1 of 2): pass --resume" in error(capsys)
     assert main(serve(package, tmp_path, "--resume", "--method", "flexlora")) == 1
