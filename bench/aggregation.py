@@ -36,13 +36,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
+# Run as a script, this file's directory comes first on sys.path and "export" would import bench/export.py
+# instead of the lorafleet package: drop it.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from export.adapter import Adapter, LoraPair, peft_config, read_adapter, scaling_for, write_adapter
-from export.architectures import ARCHITECTURES, module_shapes
-from server.aggregation import METHODS, aggregate_dirs, engine
-from server.aggregation.streaming import LazyAdapter, open_clients
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from export.adapter import Adapter, LoraPair, peft_config, read_adapter, scaling_for, write_adapter  # noqa: E402
+from export.architectures import ARCHITECTURES, module_shapes  # noqa: E402
+from server.aggregation import METHODS, aggregate_dirs, engine  # noqa: E402
+from server.aggregation.streaming import LazyAdapter, open_clients  # noqa: E402
 
 RANKS = (4, 8, 16, 32, 64)
 ALPHAS = (8, 16, 32)
