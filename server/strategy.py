@@ -15,7 +15,8 @@ nodes and logs; this class
 * checkpoints after every round (:mod:`server.checkpoint`).
 
 FedAvg needs one rank: every node trains the package's smallest rank (the one any device that can train at
-all can train). HetLoRA and FlexLoRA keep the global adapter at the package's largest rank.
+all can train). HetLoRA, FlexLoRA and raFLoRA keep the global adapter at the package's largest rank; FlexLoRA's
+and raFLoRA's devices receive its rank-r truncated SVD.
 """
 
 from __future__ import annotations

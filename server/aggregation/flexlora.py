@@ -29,12 +29,23 @@ if TYPE_CHECKING:
 def aggregate_module(pairs: Sequence[LoraPair], weights: Sequence[float], rank: int, *,
                      solver: Solver = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """``(U_R S_R, V_Rᵀ)`` of W = Σ w_k s_k B_k A_k; ``solver`` as in :func:`truncated_svd_of_sum`."""
+    lefts, rights = weighted_factors(pairs, weights)
+    return truncated_svd_of_sum(lefts, rights, rank, solver=solver)
+
+
+def weighted_factors(pairs: Sequence[LoraPair], weights: Sequence[float | Sequence[float]],
+                     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The stacks ``[w_k s_k B_k]``, ``[A_k]`` whose products sum to W. ``weights[k]`` is client k's weight, or
+    one weight per component (its r_k columns of B_k scaled separately: raFLoRA's partitions)."""
+    import torch
+
     lefts, rights = [], []
     for w, pair in zip(weights, pairs, strict=True):
         sb, a = folded(pair, _compute_dtype(pair))
-        lefts.append(sb * w)  # (out, r_k)
+        # (r_k,) weights scale B_k's columns one by one; a scalar scales them all
+        lefts.append(sb * (w if isinstance(w, int | float) else torch.tensor(w, dtype=sb.dtype)))  # (out, r_k)
         rights.append(a)  # (r_k, in)
-    return truncated_svd_of_sum(lefts, rights, rank, solver=solver)
+    return lefts, rights
 
 
 def global_rank(name: str, ranks: Sequence[int], rank: int | None, limit: int) -> int:
