@@ -8,9 +8,10 @@ A client of rank r receives the first r components, which is exactly the rank-r 
 
 Where lorafleet differs from the official code: it does not materialize W nor take a full SVD. While
 Σ r_k ≤ min(out, in) it works in the factored space (:mod:`server.aggregation.lowrank`: QR of the stacked
-factors [w_k s_k B_k] and [A_k], SVD of the small core); beyond that it forms W once and takes the top R of
-the smaller Gram matrix's symmetric eigendecomposition. Scalings are exact: s_k multiplies B_k, so clients
-with different ranks and ``lora_alpha`` contribute exactly their ΔW_k.
+factors [w_k s_k B_k] and [A_k], SVD of the small core); beyond that it computes only the top R triplets by
+block Krylov iteration on the factored operator, certified by their residual, and falls back to forming W
+once (top R of the smaller Gram matrix's eigendecomposition) when they are not. Scalings are exact: s_k
+multiplies B_k, so clients with different ranks and ``lora_alpha`` contribute exactly their ΔW_k.
 """
 
 from __future__ import annotations

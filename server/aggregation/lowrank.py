@@ -7,7 +7,7 @@ L_k is (out, r_k) and R_k is (r_k, in); stacked, W = P Q with P = [L_1 … L_K] 
 
 so the first r components of (B, A) are the rank-r truncated SVD of W for every r ≤ R. Each component's sign
 is fixed (the largest-magnitude entry of its row of A is positive), so the factors do not depend on client
-order or solver beyond rounding.
+order or solver beyond rounding (beyond the certified tolerance for ``krylov``).
 
 Solvers:
 
