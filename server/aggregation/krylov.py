@@ -19,10 +19,11 @@ the *top* R of W + E rests on the random start (a start orthogonal to a leading 
 probability zero; Halko et al. §10), as for every randomized SVD; the forward error of the rank-R truncation
 also depends on the gap σ_R − σ_{R+1}, as for any SVD. A run that has not met the tolerance within
 ``max_blocks`` blocks, or whose Krylov space stops growing first, reports ``converged=False`` and the caller
-takes the exact path. Ties and a zero W (σ_1 = 0) are not converged either: the exact path handles them.
+takes the exact path; so does a zero W (σ_1 = 0) or one of numerical rank below R (no positive σ_R).
 
-Deterministic: the start is drawn from ``seed`` and everything else is plain BLAS/LAPACK in float64 (numpy's
-OpenBLAS, which on the machines measured is much faster in float64 than torch's MKL build).
+Deterministic: the start is drawn from ``seed`` and everything else is plain BLAS/LAPACK in float64, so a
+given input and BLAS thread count give the same bits every run. It runs on numpy (OpenBLAS), whose float64
+GEMM is the faster one on the AMD machines of docs/BENCHMARKS.md (torch's build uses MKL).
 """
 
 from __future__ import annotations
