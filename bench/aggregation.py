@@ -10,22 +10,27 @@ every layer), then each variant runs in its own process, reading the clients laz
                  (out × in) and summed, then one full SVD per module, sliced to R = max r_k. Timed on the
                  first ``--dense-layers`` layers only (every layer has the same shapes, so the full-model
                  time is that × layers / dense-layers, stated as an extrapolation).
-* ``factored`` — :func:`server.aggregation.aggregate_dirs` ("flexlora"): QR of the stacked factors + SVD of
-                 the Σr×Σr core while Σ r_k ≤ min(out, in); else one GEMM for W and a float64
-                 eigendecomposition of the smaller Gram matrix. Timed on the same layers and on all layers.
-* ``read``     — reading every client's tensors and nothing else (the I/O floor both variants include).
+* ``factored`` — :func:`server.aggregation.aggregate_dirs` ("flexlora", ``solver="auto"``): QR of the stacked
+                 factors + SVD of the Σr×Σr core while Σ r_k ≤ min(out, in); else the certified block Krylov
+                 solver on the factored operator (exact Gram path as its fall-back). Timed on the same layers
+                 and on all layers; its Krylov runs (blocks, products, residuals, fall-backs) are recorded.
+* ``gram``     — the exact path beyond min(out, in) alone (``solver="gram"``: W formed once, float64
+                 eigendecomposition of the smaller Gram matrix), on the dense layers, when Σ r_k > min(out, in).
+* ``read``     — reading every client's tensors and nothing else (the I/O floor all variants include).
 
-Errors: both variants' rank-R results against a float64 oracle (W in float64, full float64 SVD), on the
+Errors: every variant's rank-R result against a float64 oracle (W in float64, full float64 SVD), on the
 dense layers. Peak memory: the child process's peak RSS (``VmHWM``), and that minus its RSS after
 imports. Time: wall seconds and the child's CPU seconds; with ``--threads 1`` CPU time is what the work
 costs on one core even when other processes share the machine, so ratios are taken on it. Synthetic
 clients share a decaying low-rank structure plus client noise, so the top-R subspace is well defined (as
-for real fine-tuning updates); the timings do not depend on the values.
+for real fine-tuning updates); the dense and Gram timings do not depend on the values, the Krylov solver's
+(how many blocks it needs) does.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -36,13 +41,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
+# Run as a script, this file's directory comes first on sys.path and "export" would import bench/export.py
+# instead of the lorafleet package: drop it.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from export.adapter import Adapter, LoraPair, peft_config, read_adapter, scaling_for, write_adapter
-from export.architectures import ARCHITECTURES, module_shapes
-from server.aggregation import METHODS, aggregate_dirs, engine
-from server.aggregation.streaming import LazyAdapter, open_clients
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from export.adapter import Adapter, LoraPair, peft_config, read_adapter, scaling_for, write_adapter  # noqa: E402
+from export.architectures import ARCHITECTURES, module_shapes  # noqa: E402
+from server.aggregation import METHODS, aggregate_dirs, engine, lowrank  # noqa: E402
+from server.aggregation.krylov import KrylovResult, KrylovSettings  # noqa: E402
+from server.aggregation.streaming import LazyAdapter, open_clients  # noqa: E402
 
 RANKS = (4, 8, 16, 32, 64)
 ALPHAS = (8, 16, 32)
@@ -101,14 +111,39 @@ def _shared_bases(shapes: dict[str, tuple[int, int]], seed: int) -> dict[str, tu
 
 # --- variants (each runs in a child process) ---------------------------------------------------------------
 
-def factored(dirs: list[str], weights: list[float], layers: int | None) -> Adapter:
+def factored(dirs: list[str], weights: list[float], layers: int | None, solver: str = "auto") -> Adapter:
     if layers is None:
-        return aggregate_dirs("flexlora", dirs, weights)
+        return aggregate_dirs("flexlora", dirs, weights, solver=solver)
     clients = open_clients(dirs)  # the same streamed path as aggregate_dirs, restricted to some layers
     keep = set(module_names(range(layers)))
     specs = [{n: s for n, s in c.specs.items() if n in keep} for c in clients]
     return engine.run(METHODS["flexlora"], specs, [str(c.path) for c in clients], [c.config for c in clients],
-                      lambda name: [c.pair(name) for c in clients], weights, None, {})
+                      lambda name: [c.pair(name) for c in clients], weights, None, {"solver": solver})
+
+
+def record_krylov() -> list[KrylovResult]:
+    """Instrument the Krylov solver in this (child) process: every result it returns is appended here,
+    without its factors (keeping those would add every module's to the variant's peak memory)."""
+    runs: list[KrylovResult] = []
+    solve = lowrank.top_singular
+
+    def recorded(*args: Any, **kwargs: Any) -> KrylovResult:
+        result = solve(*args, **kwargs)
+        runs.append(dataclasses.replace(result, b=None, a=None))
+        return result
+
+    lowrank.top_singular = recorded  # type: ignore[assignment]
+    return runs
+
+
+def krylov_summary(runs: list[KrylovResult]) -> dict[str, Any] | None:
+    if not runs:
+        return None
+    converged = [r for r in runs if r.converged]
+    return {"modules": len(runs), "certified": len(converged), "fell_back_to_exact": len(runs) - len(converged),
+            "blocks": sorted({r.blocks for r in runs}), "krylov_dimension": sorted({r.columns for r in runs}),
+            "max_certified_residual": max((r.residual for r in converged), default=None),
+            "tol": KrylovSettings().tol}
 
 
 def dense(dirs: list[str], weights: list[float], layers: int) -> Adapter:
@@ -170,20 +205,24 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     t0, c0 = time.perf_counter(), time.process_time()
     if spec["variant"] == "oracle":
         return {"errors": oracle_errors(dirs, weights, layers, spec["outputs"])}
+    runs = record_krylov()
     if spec["variant"] == "read":
         read_only(dirs, layers)
         result = None
     elif spec["variant"] == "dense":
         result = dense(dirs, weights, layers)
     else:
-        result = factored(dirs, weights, layers)
+        result = factored(dirs, weights, layers, "gram" if spec["variant"] == "gram" else "auto")
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     peak = _rss_kib("VmHWM")
     if result is not None and spec.get("save"):
         write_adapter(result, spec["save"], overwrite=True)
-    return {"seconds": round(seconds, 3), "cpu_seconds": round(cpu, 3), "peak_rss_mib": round(peak / 1024),
-            "peak_above_start_mib": round((peak - base_rss) / 1024),
-            "load_average_1min": round(os.getloadavg()[0], 2)}
+    out = {"seconds": round(seconds, 3), "cpu_seconds": round(cpu, 3), "peak_rss_mib": round(peak / 1024),
+           "peak_above_start_mib": round((peak - base_rss) / 1024),
+           "load_average_1min": round(os.getloadavg()[0], 2)}
+    if summary := krylov_summary(runs):
+        out["krylov"] = summary
+    return out
 
 
 def run_child(spec: dict[str, Any], threads: int | None) -> dict[str, Any]:
@@ -209,12 +248,17 @@ def bench_fleet(root: Path, n: int, args: argparse.Namespace) -> dict[str, Any]:
     print(f"{n} clients: ranks sum {sum(ranks)}, written in {time.perf_counter() - t0:.0f} s", flush=True)
     common = {"dirs": dirs, "weights": weights}
     sub, th = args.dense_layers, args.threads
+    beyond = sum(ranks) > 2048  # min(out, in) of every SmolLM2-1.7B projection
     dense_sub = run_child({**common, "variant": "dense", "layers": sub, "save": str(root / f"dense{n}")}, th)
     fact_sub = run_child({**common, "variant": "factored", "layers": sub, "save": str(root / f"fact{n}")}, th)
+    outputs = {"dense": str(root / f"dense{n}"), "factored": str(root / f"fact{n}")}
+    gram_sub = None
+    if beyond:
+        gram_sub = run_child({**common, "variant": "gram", "layers": sub, "save": str(root / f"gram{n}")}, th)
+        outputs["gram"] = str(root / f"gram{n}")
     fact_all = run_child({**common, "variant": "factored", "layers": None}, th)
     read_all = run_child({**common, "variant": "read", "layers": args.layers}, th)
-    errors = run_child({**common, "variant": "oracle", "layers": sub,
-                        "outputs": {"dense": str(root / f"dense{n}"), "factored": str(root / f"fact{n}")}}, th)
+    errors = run_child({**common, "variant": "oracle", "layers": sub, "outputs": outputs}, th)
     dense_all = dense_sub["cpu_seconds"] * args.layers / sub
     dense_all_wall = dense_sub["seconds"] * args.layers / sub
     if not args.fleets:
@@ -222,11 +266,12 @@ def bench_fleet(root: Path, n: int, args: argparse.Namespace) -> dict[str, Any]:
     return {
         "clients": n, "sum_ranks": sum(ranks), "min_out_in": 2048,
         "fleet_mib_on_disk": round(sum(Path(d, "adapter_model.safetensors").stat().st_size for d in dirs) / 2**20),
-        "path": "factored (QR + core SVD)" if sum(ranks) <= 2048 else "gram (W once + float64 eigh)",
-        "dense_subset": dense_sub, "factored_subset": fact_sub, "factored_all_layers": fact_all,
-        "read_all_layers": read_all, "errors_vs_float64": errors["errors"],
+        "path": "krylov (certified), exact gram fall-back" if beyond else "factored (QR + core SVD)",
+        "dense_subset": dense_sub, "factored_subset": fact_sub, "gram_subset": gram_sub,
+        "factored_all_layers": fact_all, "read_all_layers": read_all, "errors_vs_float64": errors["errors"],
         "speedup_subset_cpu": round(dense_sub["cpu_seconds"] / fact_sub["cpu_seconds"], 1),
         "speedup_subset_wall": round(dense_sub["seconds"] / fact_sub["seconds"], 1),
+        "speedup_gram_subset_cpu": round(dense_sub["cpu_seconds"] / gram_sub["cpu_seconds"], 1) if gram_sub else None,
         "dense_all_layers_extrapolated_cpu_s": round(dense_all, 1),
         "speedup_all_layers_cpu_vs_extrapolated": round(dense_all / fact_all["cpu_seconds"], 1),
         "dense_all_layers_extrapolated_wall_s": round(dense_all_wall, 1),
@@ -260,7 +305,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.workdir, prefix="agg-bench-") as tmp:
         runs = [bench_fleet(Path(tmp), int(n), args) for n in args.clients.split(",")]
     report = {"command": " ".join(["bench/aggregation.py", *sys.argv[1:]]), "date": date,
-              "machine": f"{os.cpu_count()} CPUs, torch {torch.__version__}", "threads": args.threads or "default",
+              "machine": f"{os.cpu_count()} CPUs, torch {torch.__version__}, numpy {np.__version__}",
+              "threads": args.threads or "default",
               "load_average_start": load_start, "load_average_end": os.getloadavg(),
               "layers": args.layers, "dense_layers": args.dense_layers, "runs": runs}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,8 @@ before validation, with the reason) and :meth:`round_finished` (a typed :class:`
 :attr:`sent` is the current round's node → rank.
 
 FedAvg needs one rank: every node trains the package's smallest rank (the one any device that can train at
-all can train). HetLoRA and FlexLoRA keep the global adapter at the package's largest rank.
+all can train). HetLoRA, FlexLoRA and raFLoRA keep the global adapter at the package's largest rank; FlexLoRA's
+and raFLoRA's devices receive its rank-r truncated SVD.
 """
 
 from __future__ import annotations

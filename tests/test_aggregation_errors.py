@@ -99,7 +99,7 @@ def test_unknown_method_and_option():
         aggregate("fedprox", two())
     with pytest.raises(AggregationError, match=r"flexlora: unknown option\(s\) use_weights \(allowed: solver\)"):
         aggregate("flexlora", two(), use_weights=True)
-    with pytest.raises(AggregationError, match="solver must be one of auto, factored, gram, got 'svd'"):
+    with pytest.raises(AggregationError, match="solver must be one of auto, factored, krylov, gram, got 'svd'"):
         aggregate("flexlora", two(), solver="svd")
 
 

@@ -86,7 +86,7 @@ def test_each_node_gets_the_global_adapter_at_its_rank(package, tmp_path):
         assert all(np.array_equal(arrays[k], expected[k]) for k in expected)
 
 
-@pytest.mark.parametrize("method", ["fedavg", "hetlora", "flexlora"])
+@pytest.mark.parametrize("method", ["fedavg", "hetlora", "flexlora", "raflora"])
 def test_the_global_adapter_is_the_aggregation_of_the_replies(package, tmp_path, method):
     devices = {21: Device(2, 1, n=3), 22: Device(4, 2, n=5), 23: Device(8, 3, n=7)}
     state, final, _ = run(package, tmp_path, devices, method=method, rounds=2)
@@ -221,7 +221,7 @@ def test_run_config_parsing():
         ServerConfig.from_run_config({"package": "/p", "method": "hetlora", "rounds": 3, "rank": 4})
     with pytest.raises(ConfigError, match="run config rounds must be an integer, got '3'"):
         ServerConfig.from_run_config({"package": "/p", "method": "hetlora", "rounds": "3"})
-    with pytest.raises(ConfigError, match="method must be one of fedavg, hetlora, flexlora, got 'avg'"):
+    with pytest.raises(ConfigError, match="method must be one of fedavg, hetlora, flexlora, raflora, got 'avg'"):
         ServerConfig(package="/p", method="avg", rounds=1)
     with pytest.raises(ConfigError, match=r"fraction must be in \(0, 1\], got 1.5"):
         ServerConfig(package="/p", method="fedavg", rounds=1, fraction=1.5)

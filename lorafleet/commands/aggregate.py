@@ -1,6 +1,7 @@
 """`lorafleet aggregate`: aggregate client PEFT adapters of different ranks into one global adapter.
 
-    lorafleet aggregate --method {fedavg,hetlora,flexlora} [--weights n1,n2,...] [--rank R] --out OUT ADAPTER_DIR...
+    lorafleet aggregate --method {fedavg,hetlora,flexlora,raflora} [--weights n1,n2,...] [--rank R]
+                        --out OUT ADAPTER_DIR...
 
 Clients are streamed module by module (:func:`server.aggregation.aggregate_dirs`); OUT is written to a
 temporary directory and renamed at the end, so a failure leaves no OUT behind.
@@ -37,8 +38,8 @@ def register(app: typer.Typer) -> None:
         adapters: Annotated[list[Path], typer.Argument(metavar="ADAPTER_DIR...",
                                                        help="Client PEFT adapter directories.")],
         method: Annotated[str, typer.Option("--method", click_type=click.Choice(list(METHODS)),
-                                            help="fedavg (equal ranks), hetlora (Cho et al. 2024) or flexlora "
-                                                 "(Bai et al. 2024).")],
+                                            help="fedavg (equal ranks), hetlora (Cho et al. 2024), flexlora "
+                                                 "(Bai et al. 2024) or raflora (Wu et al. 2026).")],
         out: Annotated[Path, typer.Option("--out", help="Output PEFT adapter directory (must not exist).")],
         weights: Annotated[str | None, typer.Option("--weights", metavar="n1,n2,...",
                                                     help="One weight per adapter, e.g. its number of training "

@@ -33,7 +33,7 @@ def register(app: typer.Typer) -> None:
         devices: Annotated[int, typer.Option("--devices", help="Virtual devices in the fleet.")],
         rounds: Annotated[int, typer.Option("--rounds", help="Federated rounds.")],
         model: Annotated[str, typer.Option("--model", help="Model spec (smollm2-135m, random:tiny, ...).")],
-        method: Annotated[str, typer.Option("--method", help="fedavg, hetlora or flexlora.")],
+        method: Annotated[str, typer.Option("--method", help="fedavg, hetlora, flexlora or raflora.")],
         seed: Annotated[int, typer.Option("--seed", help="Seed of everything random in the run.")],
         out: Annotated[Path, typer.Option("--out", help="Report directory (new or empty).")],
         profiles: Annotated[Path | None, typer.Option(

@@ -41,7 +41,8 @@ def register(app: typer.Typer) -> None:
         package: Annotated[Path, typer.Option("--package", help="The edge package the devices train.")],
         method: Annotated[str, typer.Option("--method", click_type=click.Choice(list(METHODS)),
                                             help="fedavg (every device at the package's smallest rank), hetlora "
-                                                 "(Cho et al. 2024) or flexlora (Bai et al. 2024).")],
+                                                 "(Cho et al. 2024), flexlora (Bai et al. 2024) or raflora "
+                                                 "(Wu et al. 2026).")],
         rounds: Annotated[int, typer.Option("--rounds", min=1, help="Rounds to run (in all, when resuming).")],
         address: Annotated[str, typer.Option("--address", metavar="HOST:PORT",
                                              help="Where the SuperLink listens for devices.")],

@@ -9,10 +9,10 @@
   :class:`AggregationMethod`: a per-module function returning ``(B, A)`` at scaling 1, a global-rank rule and
   its option names) plus its entry in :data:`_MODULES` below.
 
-Methods: ``fedavg`` (FedIT), ``hetlora`` (Cho et al., 2024), ``flexlora`` (Bai et al., 2024); their modules'
-docstrings say exactly how PEFT scalings are treated. Errors: :class:`export.errors.AdapterError` for a bad
-client adapter, :class:`export.errors.AggregationError` for clients that do not fit together, bad weights,
-ranks or options.
+Methods: ``fedavg`` (FedIT), ``hetlora`` (Cho et al., 2024), ``flexlora`` (Bai et al., 2024), ``raflora``
+(Wu et al., 2026); their modules' docstrings say exactly how PEFT scalings are treated. Errors:
+:class:`export.errors.AdapterError` for a bad client adapter, :class:`export.errors.AggregationError` for
+clients that do not fit together, bad weights, ranks or options.
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ from typing import Any
 
 from export.adapter import Adapter, LoraPair, truncate
 from export.errors import AdapterError, AggregationError
-from server.aggregation import engine, fedavg, flexlora, hetlora
+from server.aggregation import engine, fedavg, flexlora, hetlora, raflora
 from server.aggregation.common import AggregationMethod, check_finite, specs_of, validate_clients
 from server.aggregation.streaming import LazyAdapter, open_clients
 
-_MODULES = (fedavg, hetlora, flexlora)
+_MODULES = (fedavg, hetlora, flexlora, raflora)
 METHODS: dict[str, AggregationMethod] = {m.METHOD.name: m.METHOD for m in _MODULES}
 
 __all__ = ["METHODS", "AggregationMethod", "LazyAdapter", "aggregate", "aggregate_dirs", "distribute",
@@ -47,8 +47,8 @@ def aggregate(method: str, adapters: Sequence[Adapter], weights: Sequence[float]
     """Aggregate client adapters (ranks and ``lora_alpha`` may differ) into the global adapter.
 
     ``weights`` are the clients' n_k (e.g. example counts; normalized here; ``None`` = equal). ``rank`` is the
-    global rank (default: the method's, max r_k for hetlora/flexlora). ``options`` are the method's keyword
-    options: hetlora ``use_weights`` (multiply sparsity weights by n_k), flexlora ``solver``.
+    global rank (default: the method's, max r_k for hetlora/flexlora/raflora). ``options`` are the method's
+    keyword options: hetlora ``use_weights`` (multiply sparsity weights by n_k), flexlora and raflora ``solver``.
     """
     m = get_method(method)
     origins = [f"client {i + 1}" for i in range(len(adapters))]
@@ -106,8 +106,8 @@ def check_output(adapter: Adapter) -> None:
 
 def distribute(global_adapter: Adapter, r: int) -> Adapter:
     """The rank-``r`` adapter a client of rank r receives: the first r components of every module (HetLoRA's
-    and FlexLoRA's distribution; for FlexLoRA it is the rank-r truncated SVD of the aggregate), same ΔW
-    scaling per component. Modules below rank r (``rank_pattern``) are kept whole."""
+    and FlexLoRA's distribution; for FlexLoRA and raFLoRA it is the rank-r truncated SVD of the aggregate),
+    same ΔW scaling per component. Modules below rank r (``rank_pattern``) are kept whole."""
     if isinstance(r, bool) or not isinstance(r, int):
         raise AggregationError(f"rank must be an integer, got {r!r}")
     return truncate(global_adapter, r)

@@ -8,9 +8,10 @@ A client of rank r receives the first r components, which is exactly the rank-r 
 
 Where lorafleet differs from the official code: it does not materialize W nor take a full SVD. While
 Σ r_k ≤ min(out, in) it works in the factored space (:mod:`server.aggregation.lowrank`: QR of the stacked
-factors [w_k s_k B_k] and [A_k], SVD of the small core); beyond that it forms W once and takes the top R of
-the smaller Gram matrix's symmetric eigendecomposition. Scalings are exact: s_k multiplies B_k, so clients
-with different ranks and ``lora_alpha`` contribute exactly their ΔW_k.
+factors [w_k s_k B_k] and [A_k], SVD of the small core); beyond that it computes only the top R triplets by
+block Krylov iteration on the factored operator, certified by their residual, and falls back to forming W
+once (top R of the smaller Gram matrix's eigendecomposition) when they are not. Scalings are exact: s_k
+multiplies B_k, so clients with different ranks and ``lora_alpha`` contribute exactly their ΔW_k.
 """
 
 from __future__ import annotations
@@ -29,12 +30,23 @@ if TYPE_CHECKING:
 def aggregate_module(pairs: Sequence[LoraPair], weights: Sequence[float], rank: int, *,
                      solver: Solver = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """``(U_R S_R, V_Rᵀ)`` of W = Σ w_k s_k B_k A_k; ``solver`` as in :func:`truncated_svd_of_sum`."""
+    lefts, rights = weighted_factors(pairs, weights)
+    return truncated_svd_of_sum(lefts, rights, rank, solver=solver)
+
+
+def weighted_factors(pairs: Sequence[LoraPair], weights: Sequence[float | Sequence[float]],
+                     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The stacks ``[w_k s_k B_k]``, ``[A_k]`` whose products sum to W. ``weights[k]`` is client k's weight, or
+    one weight per component (its r_k columns of B_k scaled separately: raFLoRA's partitions)."""
+    import torch
+
     lefts, rights = [], []
     for w, pair in zip(weights, pairs, strict=True):
         sb, a = folded(pair, _compute_dtype(pair))
-        lefts.append(sb * w)  # (out, r_k)
+        # (r_k,) weights scale B_k's columns one by one; a scalar scales them all
+        lefts.append(sb * (w if isinstance(w, int | float) else torch.tensor(w, dtype=sb.dtype)))  # (out, r_k)
         rights.append(a)  # (r_k, in)
-    return truncated_svd_of_sum(lefts, rights, rank, solver=solver)
+    return lefts, rights
 
 
 def global_rank(name: str, ranks: Sequence[int], rank: int | None, limit: int) -> int:

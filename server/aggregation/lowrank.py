@@ -7,7 +7,7 @@ L_k is (out, r_k) and R_k is (r_k, in); stacked, W = P Q with P = [L_1 … L_K] 
 
 so the first r components of (B, A) are the rank-r truncated SVD of W for every r ≤ R. Each component's sign
 is fixed (the largest-magnitude entry of its row of A is positive), so the factors do not depend on client
-order or solver beyond rounding.
+order or solver beyond rounding (beyond the certified tolerance for ``krylov``).
 
 Solvers:
 
@@ -15,12 +15,15 @@ Solvers:
   W = Q_P (R_P R_Qᵀ) Q_Qᵀ and the SVD of the small K×K core gives V = Q_Q V_c and U S = W V = P R_Qᵀ V_c
   (so Q_P of the longer side is never formed: only its R). Cost O((out + in) K² + K³); W (out × in) is
   never formed and no full-size SVD is taken.
-* ``gram`` (used when K > min(out, in), where W has no low-rank factorization to exploit): W is formed once
-  by one GEMM, then the top R eigenpairs of the smaller Gram matrix (WᵀW or WWᵀ, min(out, in) square) in
-  float64 give the singular vectors (LAPACK ``dsyevr`` with an index range: only R eigenvectors are
-  computed). A direct method, not an iterative one, so it is exact to rounding: in float64 the squared
-  singular values keep ~16 digits relative to σ_1², so components down to ~1e-6·σ_1 are resolved far below
-  the float32 result's own rounding.
+* ``krylov`` (used when K > min(out, in), where the stacks have no low-rank factorization to exploit): the
+  top R triplets by block Krylov iteration on the factored operator W x = P (Q x), never forming W
+  (:mod:`server.aggregation.krylov`), accepted only with a certified residual ‖Wᵀ U − V S‖_F ≤ tol · σ_1;
+  when it does not converge within its budget the exact ``gram`` path below is taken instead.
+* ``gram`` (the exact path beyond min(out, in)): W is formed once by one GEMM, then the top R eigenpairs of
+  the smaller Gram matrix (WᵀW or WWᵀ, min(out, in) square) in float64 give the singular vectors (LAPACK
+  ``dsyevr`` with an index range: only R eigenvectors are computed). A direct method, not an iterative one,
+  so it is exact to rounding: in float64 the squared singular values keep ~16 digits relative to σ_1², so
+  components down to ~1e-6·σ_1 are resolved far below the float32 result's own rounding.
 
 A wide W (out < in) is solved as Wᵀ = Qᵀ Pᵀ and transposed back. Everything after the stacking is float64
 (the Gram path's single GEMM runs in the adapters' precision); callers cast the factors back.
@@ -28,24 +31,27 @@ A wide W (out < in) is solved as Wᵀ = Qᵀ Pᵀ and transposed back. Everythin
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Literal
 
 from export.errors import AggregationError
+from server.aggregation.krylov import KrylovSettings, top_singular
 
 if TYPE_CHECKING:
     import torch
 
-Solver = Literal["auto", "factored", "gram"]
-SOLVERS = ("auto", "factored", "gram")
+Solver = Literal["auto", "factored", "krylov", "gram"]
+SOLVERS = ("auto", "factored", "krylov", "gram")
 
 
 def truncated_svd_of_sum(lefts: Sequence[torch.Tensor], rights: Sequence[torch.Tensor], rank: int, *,
-                         solver: Solver = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+                         solver: Solver = "auto", krylov: KrylovSettings | None = None,
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(B, A)`` with B @ A the rank-``rank`` truncated SVD of Σ lefts[k] @ rights[k] (float64).
 
     Components beyond the stacked rank K are zero (B column and A row), so the shapes are always
-    (out, rank) and (rank, in).
+    (out, rank) and (rank, in). ``krylov`` tunes the Krylov solver (default :class:`KrylovSettings`()).
     """
     import torch
 
@@ -54,8 +60,11 @@ def truncated_svd_of_sum(lefts: Sequence[torch.Tensor], rights: Sequence[torch.T
     p = torch.cat(list(lefts), dim=1)  # (out, K)
     q = torch.cat(list(rights), dim=0)  # (K, in)
     (out, k), inp = p.shape, q.shape[1]
-    factored = solver == "factored" or (solver == "auto" and k <= min(out, inp))
-    solve = _factored if factored else _gram
+    if solver == "auto":
+        solver = "factored" if k <= min(out, inp) else "krylov"
+    solvers: dict[str, Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]] = {
+        "factored": _factored, "gram": _gram, "krylov": partial(_krylov_or_gram, settings=krylov or KrylovSettings())}
+    solve = solvers[solver]
     if out >= inp:
         b, a = solve(p, q, min(rank, k, inp))
     else:  # work on Wᵀ = Qᵀ Pᵀ, which is tall, and transpose the answer back
@@ -86,6 +95,19 @@ def _factored(p: torch.Tensor, q: torch.Tensor, rank: int) -> tuple[torch.Tensor
     vh = torch.linalg.svd(r_p @ r_q.T)[2]  # core (K', K''): only V_c is needed
     v = vh[:rank].T  # (K'', R)
     return p @ (r_q.T @ v), (q_q @ v).T  # B = U_R S_R (out, R), A = V_Rᵀ (R, in)
+
+
+def _krylov_or_gram(p: torch.Tensor, q: torch.Tensor, rank: int, *,
+                    settings: KrylovSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """W = P Q with out ≥ in: the certified Krylov triplets, or the exact Gram path when they are not."""
+    import torch
+
+    p64, q64 = p.to(torch.float64).numpy(), q.to(torch.float64).numpy()
+    result = top_singular(p64, q64, rank, settings)
+    if not result.converged:
+        return _gram(p, q, rank)
+    assert result.b is not None and result.a is not None
+    return torch.from_numpy(result.b), torch.from_numpy(result.a)
 
 
 def _gram(p: torch.Tensor, q: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
