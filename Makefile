@@ -27,8 +27,9 @@ test: install
 lint: install
 	$(BIN)/ruff check .
 
+# mypy reads the installed namespace from a symlink view (build/typecheck/lorafleet); .ci/typecheck lays it out.
 typecheck: install
-	$(BIN)/mypy
+	MYPY=$(BIN)/mypy .ci/typecheck
 
 clean-venv:
 	rm -rf $(VENV)

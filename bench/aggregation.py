@@ -1,6 +1,6 @@
 """FlexLoRA aggregation: lorafleet's factored path against the dense reference, on SmolLM2-1.7B shapes.
 
-    PYTHONPATH=. .venv/bin/python bench/aggregation.py --threads 1 [--clients 10,100] [--layers 24] [--dense-layers 2]
+    .venv/bin/python bench/aggregation.py --threads 1 [--clients 10,100] [--layers 24] [--dense-layers 2]
 
 For each fleet size, client adapters (ranks drawn from {4, 8, 16, 32, 64}, lora_alpha from {8, 16, 32},
 weights n_k from 50..500) are written as real PEFT directories (float32 safetensors, all 7 projections of
@@ -10,7 +10,7 @@ every layer), then each variant runs in its own process, reading the clients laz
                  (out × in) and summed, then one full SVD per module, sliced to R = max r_k. Timed on the
                  first ``--dense-layers`` layers only (every layer has the same shapes, so the full-model
                  time is that × layers / dense-layers, stated as an extrapolation).
-* ``factored`` — :func:`server.aggregation.aggregate_dirs` ("flexlora", ``solver="auto"``): QR of the stacked
+* ``factored`` — :func:`lorafleet.server.aggregation.aggregate_dirs` ("flexlora", ``solver="auto"``): QR of the stacked
                  factors + SVD of the Σr×Σr core while Σ r_k ≤ min(out, in); else the certified block Krylov
                  solver on the factored operator (exact Gram path as its fall-back). Timed on the same layers
                  and on all layers; its Krylov runs (blocks, products, residuals, fall-backs) are recorded.
@@ -41,18 +41,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-# Run as a script, this file's directory comes first on sys.path and "export" would import bench/export.py
-# instead of the lorafleet package: drop it.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from export.adapter import Adapter, LoraPair, peft_config, read_adapter, scaling_for, write_adapter  # noqa: E402
-from export.architectures import ARCHITECTURES, module_shapes  # noqa: E402
-from server.aggregation import METHODS, aggregate_dirs, engine, lowrank  # noqa: E402
-from server.aggregation.krylov import KrylovResult, KrylovSettings  # noqa: E402
-from server.aggregation.streaming import LazyAdapter, open_clients  # noqa: E402
+from lorafleet.export.compiler.architectures import ARCHITECTURES, module_shapes  # noqa: E402
+from lorafleet.export.formats.adapter import Adapter, LoraPair, peft_config, read_adapter, scaling_for, write_adapter  # noqa: E402
+from lorafleet.server.aggregation import METHODS, aggregate_dirs, engine, lowrank  # noqa: E402
+from lorafleet.server.aggregation.krylov import KrylovResult, KrylovSettings  # noqa: E402
+from lorafleet.server.aggregation.streaming import LazyAdapter, open_clients  # noqa: E402
 
 RANKS = (4, 8, 16, 32, 64)
 ALPHAS = (8, 16, 32)

@@ -1,12 +1,12 @@
 """How the ExecuTorch lowering scales, what it holds in memory, and what a training step spends its time on.
 
-    PYTHONPATH=. .venv/bin/python bench/executorch_lowering.py scale --layers 4,8 \
+    .venv/bin/python bench/executorch_lowering.py scale --layers 4,8 \
         [--json docs/bench/executorch-lowering.jsonl]
-    PYTHONPATH=. .venv/bin/python bench/executorch_lowering.py memory --layers 2
+    .venv/bin/python bench/executorch_lowering.py memory --layers 2
     py-spy record --native -r 200 -f raw -o prof.txt -- \
         .venv/bin/python bench/executorch_lowering.py steps --package PKG --rank 8 --steps 25
-    PYTHONPATH=. .venv/bin/python bench/executorch_lowering.py profile-summary prof.txt
-    PYTHONPATH=. .venv/bin/python bench/executorch_lowering.py pte-sizes --package PKG --rank 8
+    .venv/bin/python bench/executorch_lowering.py profile-summary prof.txt
+    .venv/bin/python bench/executorch_lowering.py pte-sizes --package PKG --rank 8
 
 ``scale`` lowers random SmolLM2-135M-shaped models (the real layer shapes, fewer layers; LoRA rank 8 on q,v;
 batch 1 × 32) and times the training program with the contiguous partitioner (the pipeline's) and with torch's
@@ -25,16 +25,11 @@ import argparse
 import contextlib
 import json
 import os
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-# Run as a script, this file's directory comes first on sys.path and "export" would import bench/export.py
-# instead of the lorafleet package: drop it.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 
 def _peft_model(arch: str, layers: int, rank: int = 8) -> Any:
@@ -42,7 +37,7 @@ def _peft_model(arch: str, layers: int, rank: int = 8) -> Any:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from export.architectures import ARCHITECTURES
+    from lorafleet.export.compiler.architectures import ARCHITECTURES
 
     a = ARCHITECTURES[arch]
     config = AutoConfig.for_model(a.model_type, **{**a.hf_config_dict(), "num_hidden_layers": layers})
@@ -57,8 +52,8 @@ def _peft_model(arch: str, layers: int, rank: int = 8) -> Any:
 def _partitioner(kind: str, which: str) -> Iterator[None]:
     """Swap the lowering's partitioner: ``which`` is "contiguous" (the pipeline's), "capability" (training:
     torch's CapabilityBasedPartitioner) or "xnnpack-default" (inference: XNNPACK's own partitioning)."""
-    import export.executorch.lower as lower
-    import export.executorch.partition as partition
+    import lorafleet.export.compiler.executorch.lower as lower
+    import lorafleet.export.compiler.executorch.partition as partition
 
     if which == "contiguous":
         yield
@@ -90,7 +85,7 @@ def _partitioner(kind: str, which: str) -> Iterator[None]:
 
 
 def bench_scale(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from export.executorch import lower_inference, lower_training
+    from lorafleet.export.compiler.executorch import lower_inference, lower_training
 
     rows = []
     for layers in (int(x) for x in args.layers.split(",")):
@@ -110,7 +105,7 @@ def bench_scale(args: argparse.Namespace) -> list[dict[str, Any]]:
 def bench_memory(args: argparse.Namespace) -> list[dict[str, Any]]:
     import tempfile
 
-    from export.forked import run_forked
+    from lorafleet.export.compiler.forked import run_forked
 
     rows = []
     model = _peft_model("llama-3.2-1b", int(args.layers))
@@ -133,7 +128,7 @@ def _memory_row(model: Any, shared: bool) -> dict[str, float]:
     import psutil
     from executorch.exir.program._program import EdgeProgramManager as manager
 
-    import export.executorch.training as training
+    import lorafleet.export.compiler.executorch.training as training
 
     proc = psutil.Process()
     peak, start, stop = [0], [0], threading.Event()
@@ -163,8 +158,8 @@ def _memory_row(model: Any, shared: bool) -> dict[str, float]:
 def bench_steps(args: argparse.Namespace) -> list[dict[str, Any]]:
     import torch
 
-    from export.executorch import load_training
-    from export.package import open_package
+    from lorafleet.export.compiler.executorch import load_training
+    from lorafleet.export.formats.package import open_package
 
     pkg = open_package(args.package, verify=False)
     program = load_training(pkg.path_of(args.rank, "executorch_training"), pkg.foundation("executorch"))
@@ -210,7 +205,7 @@ def pte_sizes(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Where a rank's ExecuTorch program bytes go: mutable buffers' initial values, delegate blobs, the rest."""
     from executorch.exir._serialize._program import deserialize_pte_binary
 
-    from export.package import open_package
+    from lorafleet.export.formats.package import open_package
 
     pkg = open_package(args.package, verify=False)
     rows = []

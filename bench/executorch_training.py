@@ -1,13 +1,14 @@
 """ExecuTorch training step time against eager torch+PEFT on the same CPU, per lowering backend.
 
-    PYTHONPATH=. .venv/bin/python bench/executorch_training.py [--model smollm2-135m] [--rank 8]
+    .venv/bin/python bench/executorch_training.py [--model smollm2-135m] [--rank 8]
         [--backends portable,linear,gemm,xnnpack] [--steps 12] [--threads 2,1]
         [--json docs/bench/executorch-training.json]
 
 For each backend the training program is lowered (time and peak RSS recorded), loaded against its foundation
 file, checked against eager (loss and LoRA gradients on the same batch), then timed: eager steps
-(forward + backward + torch AdamW) and ExecuTorch steps (``TrainingProgram.step`` + ``HostAdamW``) alternate,
-so both see the same machine load; the figure is the median of each. LoRA on q_proj, v_proj; one fixed batch.
+(forward + backward + the device's AdamW) and ExecuTorch steps (``TrainingProgram.step`` + the same AdamW, as
+``ExecutorchBackend`` runs them) alternate, so both see the same machine load; the figure is the median of
+each. LoRA on q_proj, v_proj; one fixed batch.
 ``--threads`` sets both torch's intra-op threads and ExecuTorch's threadpool.
 """
 
@@ -19,7 +20,6 @@ import os
 import platform
 import resource
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,14 +27,10 @@ from typing import Any
 
 import torch
 
-# Run as a script, this file's directory comes first on sys.path and "export" would import bench/export.py
-# instead of the lorafleet package: drop it.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
 
 def main() -> None:
     args = _parse()
-    from export.executorch.training import TrainingLowering
+    from lorafleet.export.compiler.executorch.training import TrainingLowering
 
     model = _peft_model(args.model, args.rank)
     g = torch.Generator().manual_seed(0)
@@ -77,7 +73,7 @@ def _parse() -> argparse.Namespace:
 def _peft_model(spec: str, rank: int) -> Any:
     from peft import LoraConfig, get_peft_model
 
-    from export.models import load_model
+    from lorafleet.export.compiler.models import load_model
 
     base = load_model(spec, attn_implementation="eager", with_tokenizer=False).model
     torch.manual_seed(0)
@@ -86,7 +82,7 @@ def _peft_model(spec: str, rank: int) -> Any:
 
 
 def _lower(model: Any, lowering: Any, args: argparse.Namespace, out: Path) -> dict[str, Any]:
-    from export.executorch import FoundationStore, lower_training
+    from lorafleet.export.compiler.executorch import FoundationStore, lower_training
 
     load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
@@ -103,8 +99,8 @@ def _lower(model: Any, lowering: Any, args: argparse.Namespace, out: Path) -> di
 
 def _check(model: Any, out: Path, ids: torch.Tensor, labels: torch.Tensor, row: dict[str, Any]) -> None:
     """Load the program and compare one step with eager: loss and every LoRA gradient."""
-    from export.executorch import load_training
-    from export.executorch.wrappers import peft_key
+    from lorafleet.export.compiler.executorch import load_training
+    from lorafleet.export.formats.adapter import peft_key
 
     program = load_training(out / "training.pte", out / "foundation.ptd")
     model.zero_grad()
@@ -122,23 +118,29 @@ def _time(model: Any, out: Path, ids: torch.Tensor, labels: torch.Tensor, steps:
     """Median ms per training step (forward, backward, AdamW) of eager and ExecuTorch, steps interleaved."""
     from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
 
-    from export.executorch import AdamWConfig, HostAdamW, load_training
+    from lorafleet.edge_client.backends.base import AdamW, OptimizerConfig
+    from lorafleet.export.compiler.executorch import load_training
 
     torch.set_num_threads(threads)
     _unsafe_reset_threadpool(threads)  # before loading: XNNPACK keeps a pointer to the pool it was built with
     program = load_training(out / "training.pte", out / "foundation.ptd")
-    opt = HostAdamW(program, AdamWConfig(lr=1e-4))
-    ref_opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    config = OptimizerConfig(lr=1e-4)  # the device's AdamW (what ExecutorchBackend and TorchBackend step with)
+    params = program.parameters()
+    keys = sorted(params)
+    opt = AdamW([params[k] for k in keys], config)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    ref_opt = AdamW(trainable, config)
     eager_ms, et_ms = [], []
     load0 = os.getloadavg()[0]
     for _ in range(steps + 2):  # two warm-up rounds, dropped below
         t = time.perf_counter()
-        ref_opt.zero_grad()
+        model.zero_grad()
         model(input_ids=ids, labels=labels).loss.backward()
-        ref_opt.step()
+        ref_opt.step([p.grad for p in trainable])
         eager_ms.append(1000 * (time.perf_counter() - t))
         t = time.perf_counter()
-        opt.step(program.step(ids, labels).gradients)
+        grads = program.step(ids, labels).gradients
+        opt.step([grads[k] for k in keys])
         et_ms.append(1000 * (time.perf_counter() - t))
     eager, et = statistics.median(eager_ms[2:]), statistics.median(et_ms[2:])
     return {"eager_ms": round(eager, 1), "et_ms": round(et, 1), "et_over_eager": round(et / eager, 3),

@@ -1,8 +1,8 @@
 """Benchmark the export pipeline and on-device training steps.
 
-    PYTHONPATH=. .venv/bin/python bench/export.py export --model smollm2-135m --ranks 4,8,16,32 --out /tmp/pkg
-    PYTHONPATH=. .venv/bin/python bench/export.py steps --package /tmp/pkg --steps 10
-    PYTHONPATH=. .venv/bin/python bench/export.py export --model random:llama-3.2-1b --ranks 8 --out /tmp/pkg1b \
+    .venv/bin/python bench/export.py export --model smollm2-135m --ranks 4,8,16,32 --out /tmp/pkg
+    .venv/bin/python bench/export.py steps --package /tmp/pkg --steps 10
+    .venv/bin/python bench/export.py export --model random:llama-3.2-1b --ranks 8 --out /tmp/pkg1b \
         --limit-gb 16
 
 ``export`` runs ``lorafleet export`` in a child process and reports wall time, peak memory (PSS summed over
@@ -27,10 +27,6 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
-
-# Run as a script, this file's directory comes first on sys.path and "export" would import this file instead
-# of the lorafleet package: drop it.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 
 def _tree_memory(proc: Any) -> tuple[int, int]:
@@ -82,7 +78,7 @@ def bench_export(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _sizes(path: str) -> dict[str, Any]:
-    from export.package import open_package
+    from lorafleet.export.formats.package import open_package
 
     m = open_package(path, verify=False).manifest
     return {
@@ -118,9 +114,9 @@ def _median_step(step: Any, steps: int) -> float:
 def bench_steps(args: argparse.Namespace) -> list[dict[str, Any]]:
     import torch
 
-    from export.loss import CausalLMLoss, example_batch
-    from export.models import load_model
-    from export.package import open_package
+    from lorafleet.export.compiler.loss import CausalLMLoss, example_batch
+    from lorafleet.export.compiler.models import load_model
+    from lorafleet.export.formats.package import open_package
 
     pkg = open_package(args.package)
     m = pkg.manifest
@@ -146,7 +142,8 @@ def bench_steps(args: argparse.Namespace) -> list[dict[str, Any]]:
 def _eager_ms(base: Any, pkg: Any, r: int, ids: Any, labels: Any, steps: int, loss_cls: Any) -> tuple[Any, float]:
     import torch
 
-    from export.lora import LoraSpec, attach_lora, detach_lora
+    from lorafleet.export.compiler.lora import attach_lora, detach_lora
+    from lorafleet.export.formats.program import LoraSpec
 
     m = pkg.manifest
     model = attach_lora(base, LoraSpec(r, tuple(m.target_modules), m.lora_alpha), pkg.initial_adapter(r))
@@ -165,18 +162,20 @@ def _eager_ms(base: Any, pkg: Any, r: int, ids: Any, labels: Any, steps: int, lo
 
 
 def _onnx_ms(pkg: Any, r: int, ids: Any, labels: Any, steps: int) -> float:
-    from export.onnx_training import OnnxTrainer
+    from lorafleet.export.runtime.onnx import OnnxTrainer
 
     trainer = OnnxTrainer.from_package(pkg, r)
     return round(_median_step(lambda: trainer.step(ids, labels), steps), 1)
 
 
 def _executorch_ms(pkg: Any, r: int, ids: Any, labels: Any, steps: int) -> float:
-    from export.executorch import AdamWConfig, HostAdamW, load_training
+    from lorafleet.edge_client.backends.base import OptimizerConfig
+    from lorafleet.edge_client.backends.executorch_backend import ExecutorchBackend
+    from lorafleet.edge_client.data import Batch
 
-    program = load_training(pkg.path_of(r, "executorch_training"), pkg.foundation("executorch"))
-    opt = HostAdamW(program, AdamWConfig(lr=1e-4))
-    return round(_median_step(lambda: opt.step(program.step(ids, labels).gradients), steps), 1)
+    backend = ExecutorchBackend.from_package(pkg, r, OptimizerConfig(lr=1e-4))  # the path devices run
+    b = Batch(ids.numpy(), labels.numpy())
+    return round(_median_step(lambda: backend.step(b), steps), 1)
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """Federation server cost per round at SmolLM2-135M shapes, and bytes per device per round at each rank.
 
-    PYTHONPATH=. .venv/bin/python bench/federation.py [--replies 100] [--targets q_proj,v_proj]
+    .venv/bin/python bench/federation.py [--replies 100] [--targets q_proj,v_proj]
         [--ranks 4,8,16] [--methods flexlora,hetlora,fedavg] [--rounds 2] [--json docs/bench/federation.json]
 
 A package is written at SmolLM2-135M's shapes (30 layers; its manifest and per-rank initial PEFT adapters
@@ -14,8 +14,8 @@ Server-side time per round, the sum of:
 * configure — distributing the global adapter to each rank and building the messages;
 * encode    — deflating the outgoing messages (what the ServerApp does to push them);
 * decode    — inflating the replies (what it does to pull them);
-* validation, aggregation — :mod:`server.validation` on every reply, then the method's aggregation;
-* bounds, finite_check — the trust checks of :mod:`server.replies`: every reply's weight change against the
+* validation, aggregation — :mod:`lorafleet.server.validation` on every reply, then the method's aggregation;
+* bounds, finite_check — the trust checks of :mod:`lorafleet.server.replies`: every reply's weight change against the
   adapter it was sent (and the example cap), and the aggregate's finiteness before it is accepted;
 * checkpoint — writing ``global/`` and ``state.json`` atomically.
 The devices' own work, the network and the SuperLink process (which stores and forwards the same objects)
@@ -44,11 +44,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from fed_helpers import LoopbackGrid, decode, encode  # noqa: E402
 
-from export import protocol as P  # noqa: E402
-from export.adapter import Adapter, LoraPair, peft_config, write_adapter  # noqa: E402
-from export.architectures import ARCHITECTURES, module_shapes  # noqa: E402
-from export.manifest import Estimates, ModelSection  # noqa: E402
-from export.package import PackageSpec, RankRecord, write_package  # noqa: E402
+from lorafleet.export.compiler.architectures import ARCHITECTURES, module_shapes  # noqa: E402
+from lorafleet.export.formats import protocol as P  # noqa: E402
+from lorafleet.export.formats.adapter import Adapter, LoraPair, peft_config, write_adapter  # noqa: E402
+from lorafleet.export.formats.manifest import Estimates, ModelSection  # noqa: E402
+from lorafleet.export.formats.package import PackageSpec, RankRecord, write_package  # noqa: E402
 
 ARCH = "smollm2-135m"
 ALPHA = 16.0
@@ -137,7 +137,7 @@ def device(rank: int, seed: int):
 def run_method(package: Path, method: str, replies: int, ranks: list[int], rounds: int, state: Path) -> dict:
     from flwr.app import ArrayRecord
 
-    from server.server_app import ServerConfig, build_strategy
+    from lorafleet.server.server_app import ServerConfig, build_strategy
 
     cfg = ServerConfig(package=str(package), method=method, rounds=rounds, state_dir=str(state),
                        min_clients=replies, round_timeout=600.0)
@@ -171,7 +171,7 @@ def run_method(package: Path, method: str, replies: int, ranks: list[int], round
 
 
 def bytes_by_rank(result: dict, package: Path) -> dict[int, dict[str, int]]:
-    from export.package import open_package
+    from lorafleet.export.formats.package import open_package
 
     m = open_package(package, verify=False).manifest
     out: dict[int, dict[str, int]] = {}

@@ -1,7 +1,7 @@
 """Fleet scale: wall time and peak memory of ``lorafleet fleet`` across all its processes (Ray's included).
 
-    PYTHONPATH=. .venv/bin/python bench/fleet.py                      # 1000 devices, 10% per round, 3 rounds
-    PYTHONPATH=. .venv/bin/python bench/fleet.py --devices 5000 --fraction 0.02 --json /tmp/fleet.json
+    .venv/bin/python bench/fleet.py                      # 1000 devices, 10% per round, 3 rounds
+    .venv/bin/python bench/fleet.py --devices 5000 --fraction 0.02 --json /tmp/fleet.json
 
 Runs the command in a child process and samples its whole process tree every 0.25 s (the driver, Ray's GCS
 server, raylet and every ClientApp worker are its descendants): the peak of the summed RSS (an upper bound:
@@ -24,9 +24,6 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
-
-# Run as a script, this file's directory comes first on sys.path: drop it (bench/ is not a package).
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 
 def tree_sample(proc: Any, cpu: dict[int, float]) -> tuple[int, int, int]:

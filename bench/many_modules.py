@@ -3,7 +3,7 @@
     .venv/bin/python -P bench/many_modules.py [--modules 500,2000,5000] [--clients 2,3] [--rank 4]
 
 Writes client adapters of ``--modules`` tiny (16 × 16) modules into a temporary directory and times
-``server.aggregation.aggregate_dirs("flexlora", ...)`` — what ``lorafleet aggregate`` runs. Before lorafleet
+``lorafleet.server.aggregation.aggregate_dirs("flexlora", ...)`` — what ``lorafleet aggregate`` runs. Before lorafleet
 kept one ``safe_open`` per client, every module reopened every client file and re-parsed its header, so the
 time grew with the square of the module count (132 s for 2,000 modules × 2 clients, 6 min for 5,000 × 3).
 """
@@ -21,8 +21,8 @@ def main() -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the lorafleet CLI sets it (lorafleet/cli.py)
     import torch
 
-    from export.adapter import Adapter, LoraPair, peft_config, write_adapter
-    from server.aggregation import aggregate_dirs
+    from lorafleet.export.formats.adapter import Adapter, LoraPair, peft_config, write_adapter
+    from lorafleet.server.aggregation import aggregate_dirs
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--modules", default="500,2000,5000")

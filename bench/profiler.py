@@ -1,7 +1,7 @@
 """Profiler accuracy: predicted vs measured peak memory and step time per rank and backend, and the rank the
 profiler selects for every device profile.
 
-    PYTHONPATH=. .venv/bin/python bench/profiler.py --package PKG [--backends onnxruntime,executorch,torch]
+    .venv/bin/python bench/profiler.py --package PKG [--backends onnxruntime,executorch,torch]
         [--steps 5] [--time-budgets none,120,60] [--out docs/bench/profiler.json] | tee docs/bench/profiler.txt
 
 For each backend the profiler's own procedure runs first (fresh processes at the smallest and largest packaged
@@ -28,14 +28,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-# Run as a script, this file's directory comes first on sys.path, and bench/export.py would shadow `export`
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
-from edge_client.device import emulate, matmul_gflops  # noqa: E402
-from edge_client.profiler import fit_linear, measure_rank, profile_device  # noqa: E402
-from edge_client.profiles import load_all  # noqa: E402
-from edge_client.rank_choice import Budgets, choose_rank  # noqa: E402
-from export.package import open_package  # noqa: E402
+from lorafleet.edge_client.device import emulate, matmul_gflops  # noqa: E402
+from lorafleet.edge_client.profiler import fit_linear, measure_rank, profile_device  # noqa: E402
+from lorafleet.edge_client.profiles import load_all  # noqa: E402
+from lorafleet.edge_client.rank_choice import Budgets, choose_rank  # noqa: E402
+from lorafleet.export.formats.package import open_package  # noqa: E402
 
 
 def main() -> None:
@@ -114,7 +111,7 @@ def _bench_backend(pkg: Any, backend: str, steps: int, host_gflops: float,
 
 
 def emulate_host(host_gflops: float) -> Any:
-    from edge_client.device import DeviceReport, memory_bytes
+    from lorafleet.edge_client.device import DeviceReport, memory_bytes
 
     total, available = memory_bytes()
     return DeviceReport("bench host", "measured", total, available, os.cpu_count() or 1, host_gflops, 1.0,

@@ -1,8 +1,8 @@
 """Fleet quality: FlexLoRA vs HetLoRA vs FedAvg at the fleet's smallest and largest rank, on the same fleet.
 
-    PYTHONPATH=. .venv/bin/python bench/quality.py                   # --config cpu: about an hour on 2 cores
-    PYTHONPATH=. .venv/bin/python bench/quality.py --config reduced  # a shared 2-core machine
-    PYTHONPATH=. .venv/bin/python bench/quality.py --config large    # a 16-core (GPU) machine, 3 seeds
+    .venv/bin/python bench/quality.py                   # --config cpu: about an hour on 2 cores
+    .venv/bin/python bench/quality.py --config reduced  # a shared 2-core machine
+    .venv/bin/python bench/quality.py --config large    # a 16-core (GPU) machine, 3 seeds
 
 The model is ``smollm2-135m`` on the built-in task suite (seen families trained on, non-IID across devices by
 Dirichlet α = 0.5; held-out families only evaluated, zero-shot). One package, one profile of this machine and
@@ -35,8 +35,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
 CONFIGS: dict[str, dict[str, Any]] = {
     # ≈ 1 h on an idle 2-core CPU machine
     "cpu": {"devices": 24, "rounds": 3, "fraction": 0.5, "local_steps": 5, "eval_per_family": 2, "seeds": [0]},
@@ -55,9 +53,9 @@ SHOWN = ("heldout/rouge_l", "seen/rouge_l", "heldout/exact_match", "seen/exact_m
 
 def profile_ranks(host: Any, local_steps: int, deadline: float) -> dict[str, int | None]:
     """Each bundled profile's rank under ``deadline`` (the profiler's rule)."""
-    from edge_client.device import emulate
-    from edge_client.profiles import load_all
-    from edge_client.rank_choice import Budgets, choose_rank
+    from lorafleet.edge_client.device import emulate
+    from lorafleet.edge_client.profiles import load_all
+    from lorafleet.edge_client.rank_choice import Budgets, choose_rank
 
     budgets = Budgets(time_budget_seconds=deadline, steps_per_round=local_steps)
     return {p.id: choose_rank(emulate(p, host.gflops), host.result.predictions, budgets).selected_rank
@@ -87,8 +85,8 @@ def mix_for(distribution: str, ranks: dict[str, int | None]) -> dict[str, float]
 
 def run_all(args: argparse.Namespace, cfg: dict[str, Any], work: Path) -> dict[str, Any]:
     from lorafleet.fleet import make_evaluator, prepare, run_fleet
-    from lorafleet.fleet_config import FleetConfig
-    from lorafleet.fleet_server import FleetProgress
+    from lorafleet.fleet.config import FleetConfig
+    from lorafleet.fleet.server import FleetProgress
 
     class Log(FleetProgress):
         def stage(self, text: str) -> None:

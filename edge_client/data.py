@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from export.errors import ConfigError, DataError
+from lorafleet.export.formats.errors import ConfigError, DataError
+from lorafleet.export.formats.program import IGNORE_INDEX  # labels the loss skips
 
-IGNORE_INDEX = -100  # labels the loss skips (PyTorch's CrossEntropyLoss default, HF's convention)
 # canonical field -> accepted names, first match wins (Alpaca, Dolly, Natural-Instructions, capitalised NI)
 FIELD_ALIASES: dict[str, tuple[str, ...]] = {
     "instruction": ("instruction", "definition", "Definition", "prompt"),

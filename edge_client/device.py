@@ -1,7 +1,7 @@
 """What this device can give a training run: memory, cores, matmul throughput, memory bandwidth.
 
 :func:`measure_device` measures the host (psutil memory with cgroup v1/v2 limits respected, CPU affinity and
-CPU quota, a sustained fp32 matmul probe at given layer shapes, a STREAM-like copy probe, as DEVICES.md §4
+CPU quota, a sustained fp32 matmul probe at given layer shapes, a STREAM-like copy probe, as docs/device-sources.md §4
 describes). :func:`emulate` turns a device profile into a report for an emulated device: memory, cores, speed
 and network come from the profile, and the host's measured throughput is kept so that times measured here can
 be scaled by ``host_gflops / gflops``.
@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from edge_client.profiles import DeviceProfile
-from export.errors import ConfigError
+from lorafleet.edge_client.profiles import DeviceProfile
+from lorafleet.export.formats.errors import ConfigError
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 PROC_CGROUP = Path("/proc/self/cgroup")

@@ -1,13 +1,13 @@
 """The lorafleet ClientApp: what a device runs inside a Flower SuperNode.
 
-Two messages, in the protocol of :mod:`export.protocol` (``docs/federation-protocol.md``):
+Two messages, in the protocol of :mod:`lorafleet.export.formats.protocol` (``docs/federation-protocol.md``):
 
-* **query** — "which rank do you train?". The device's profiler answers (:mod:`edge_client.profiler`: an
+* **query** — "which rank do you train?". The device's profiler answers (:mod:`lorafleet.edge_client.profiler`: an
   emulated device from ``profile``, or this machine with ``measure``) under the server's budgets — its round
   timeout and local steps — unless the node was given a fixed ``rank``. The answer is kept in
   ``context.state`` for the rest of the run.
 * **train** — the global adapter at the device's rank plus instructions; the trainer
-  (:func:`edge_client.trainer.train_local`) trains locally and the reply carries the trained adapter, the
+  (:func:`lorafleet.edge_client.trainer.train_local`) trains locally and the reply carries the trained adapter, the
   example count and the rank (smaller than the one sent only after HetLoRA self-pruning).
 
 In deployment Flower starts a fresh process for every message, so nothing heavy is kept between messages:
@@ -22,6 +22,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import math
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -31,13 +32,13 @@ from typing import TYPE_CHECKING, Any
 
 from flwr.clientapp import ClientApp
 
-from export import protocol as P
-from export.errors import ConfigError
+from lorafleet.export.formats import protocol as P
+from lorafleet.export.formats.errors import ConfigError
 
 if TYPE_CHECKING:
     from flwr.app import Context, Message
 
-    from export.package import Package
+    from lorafleet.export.formats.package import Package
 
 NODE_CONFIG_KEYS = ("package", "data", "backend", "profile", "measure", "rank", "cache-dir")
 STATE_KEY = "lorafleet"
@@ -67,17 +68,23 @@ class NodeSettings:
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> NodeSettings:
-        unknown = sorted(set(node_config) - set(NODE_CONFIG_KEYS))
-        if unknown:
-            raise ConfigError(f"unknown node-config keys {unknown} (known: {list(NODE_CONFIG_KEYS)})")
-        kw: dict[str, Any] = {k.replace("-", "_"): v for k, v in node_config.items()}
-        for key, kind in (("rank", int), ("measure", bool)):
-            if key in kw and (not isinstance(kw[key], kind) or (kind is int and isinstance(kw[key], bool))):
-                raise ConfigError(f"node-config {key} must be {kind.__name__}, got {kw[key]!r}")
-        for key in ("package", "data", "backend", "profile", "cache_dir"):
-            if key in kw and not isinstance(kw[key], str):
-                raise ConfigError(f"node-config {key} must be a string, got {kw[key]!r}")
-        return cls(**kw)
+        """Build from a SuperNode's ``--node-config`` (the keys of :data:`NODE_CONFIG_KEYS`; unknown keys are an
+        error): each value checked against its field's type by a strict pydantic model, then by ``__post_init__``."""
+        from lorafleet.export.formats.schema import Problem, parse_fields
+
+        def problem(p: Problem) -> str:
+            unknown = p.unknown()
+            if unknown:
+                return f"unknown node-config keys {unknown} (known: {list(NODE_CONFIG_KEYS)})"
+            name = str(p.top).replace("-", "_")
+            if p.type == "missing":
+                return f"node-config {name} is missing (a node needs package and data)"
+            wanted = {"int_type": "int", "bool_type": "bool", "string_type": "a string"}.get(p.type)
+            if wanted is None:
+                return f"node-config {name}: {p.message}, got {p.input!r}"
+            return f"node-config {name} must be {wanted}, got {p.input!r}"
+
+        return parse_fields(cls, node_config, {k: k.replace("-", "_") for k in NODE_CONFIG_KEYS}, problem, ConfigError)
 
     def to_node_config(self) -> dict[str, Any]:
         return {k.replace("_", "-"): v for k, v in asdict(self).items()}
@@ -109,7 +116,7 @@ def make_client_app(node_settings: NodeSettings | Callable[[Context], NodeSettin
 def handle_query(message: Message, context: Context, settings: NodeSettings) -> Message:
     from flwr.app import Message, MetricRecord, RecordDict
 
-    config = _config(message)
+    config = message_config(message)
     rank = node_rank(settings, context, round_timeout=float(config.get(P.ROUND_TIMEOUT, 600.0)),
                      local_steps=int(config.get(P.LOCAL_STEPS, 10)))
     return Message(RecordDict({P.METRICS: MetricRecord({P.RANK: rank})}), reply_to=message)
@@ -133,7 +140,7 @@ def node_rank(settings: NodeSettings, context: Context, *, round_timeout: float,
 
 
 def _profiled_rank(settings: NodeSettings, pkg: Package, round_timeout: float, local_steps: int) -> int:
-    from edge_client.rank_choice import Budgets
+    from lorafleet.edge_client.rank_choice import Budgets
 
     budgets = Budgets(time_budget_seconds=round_timeout, steps_per_round=local_steps)
     backend = resolve_backend(settings, pkg)
@@ -144,7 +151,7 @@ def _profiled_rank(settings: NodeSettings, pkg: Package, round_timeout: float, l
     with open(cache.with_suffix(".lock"), "w") as lock:  # nodes sharing a profile profile it once
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not cache.is_file():
-            from export.atomic import atomic_write_text
+            from lorafleet.export.formats.atomic import atomic_write_text
 
             rank, reasons = _profile(settings, pkg, backend, budgets)
             atomic_write_text(cache, json.dumps({"rank": rank, "reasons": reasons}, indent=1))
@@ -152,7 +159,7 @@ def _profiled_rank(settings: NodeSettings, pkg: Package, round_timeout: float, l
 
 
 def _profile(settings: NodeSettings, pkg: Package, backend: str, budgets: Any) -> tuple[int, list[str]]:
-    from edge_client.profiler import profile_device
+    from lorafleet.edge_client.profiler import profile_device
 
     result = profile_device(_device(settings, pkg), pkg, backend, budgets)
     return result.selected_rank or P.NO_RANK, list(result.decision.reasons)
@@ -161,8 +168,8 @@ def _profile(settings: NodeSettings, pkg: Package, backend: str, budgets: Any) -
 def _device(settings: NodeSettings, pkg: Package) -> Any:
     """This machine measured at the package's layer shapes, or the profile's device emulated on it (as
     ``lorafleet profile`` does)."""
-    from edge_client.device import emulate, measure_device
-    from edge_client.profiles import load_profile
+    from lorafleet.edge_client.device import emulate, measure_device
+    from lorafleet.edge_client.profiles import load_profile
 
     tokens = pkg.manifest.batch_size * pkg.manifest.seq_len
     host = measure_device(tuple((tokens, i, o) for o, i in pkg.manifest.model.module_shapes.values()))
@@ -173,7 +180,7 @@ def _decision_cache(settings: NodeSettings, pkg: Package, backend: str, budgets:
     """Where an emulated profile's decision is cached (a measured device is always measured afresh)."""
     if settings.measure:
         return None
-    from export.manifest import MANIFEST_FILE
+    from lorafleet.export.formats.manifest import MANIFEST_FILE
 
     h = hashlib.sha256(b"lorafleet-rank-decision-v1")
     for part in ((pkg.path / MANIFEST_FILE).read_bytes(), Path(settings.profile).read_bytes(),
@@ -182,7 +189,7 @@ def _decision_cache(settings: NodeSettings, pkg: Package, backend: str, budgets:
     if settings.cache_dir:
         root = Path(settings.cache_dir)
     else:
-        from export.cache import cache_dir
+        from lorafleet.export.formats.cache import cache_dir
 
         root = cache_dir() / "ranks"
     return root / f"{h.hexdigest()[:24]}.json"
@@ -190,14 +197,14 @@ def _decision_cache(settings: NodeSettings, pkg: Package, backend: str, budgets:
 
 def resolve_backend(settings: NodeSettings, pkg: Package) -> str:
     """``settings.backend``, or for ``auto``: the first of the profile's runtimes the package has, and for a
-    measured device ONNX Runtime before ExecuTorch (both train faster than eager torch on SmolLM2-135M, ORT
-    1.45-1.64x, ExecuTorch 1.42-1.71x; ORT artifacts are what Jetson-class boards run; docs/BENCHMARKS.md)."""
+    measured device ONNX Runtime before ExecuTorch (both train faster than eager torch, docs/BENCHMARKS.md; ORT
+    artifacts are what Jetson-class boards run)."""
     if settings.backend != "auto":
         return settings.backend
     have = [RUNTIME_BACKENDS[rt] for rt in ("onnx", "executorch") if rt in pkg.manifest.runtimes]
     wanted = have
     if settings.profile:
-        from edge_client.profiles import load_profile
+        from lorafleet.edge_client.profiles import load_profile
 
         wanted = [b for b in load_profile(settings.profile).runtimes if b in have]
     if not wanted:
@@ -210,27 +217,42 @@ def resolve_backend(settings: NodeSettings, pkg: Package) -> str:
 
 def handle_train(message: Message, context: Context, settings: NodeSettings) -> Message:
     """Train on the received adapter; reply with the trained adapter, example count and rank."""
+    pkg = _open(settings)
+    return train_reply(message, pkg, lambda rank, lr: resolve_backend(settings, pkg), settings.data)
+
+
+def train_reply(message: Message, pkg: Package, backend: Callable[[int, float], Any], data: str | Path, *,
+                seconds: str = "wall") -> Message:
+    """The device's train handler, shared by real devices and emulated ones: check the server's message and
+    adapter against ``pkg``, train ``local-steps`` steps on the JSONL ``data`` with ``backend(rank, lr)`` (a
+    backend name or a built :class:`~lorafleet.edge_client.backends.TrainingBackend`), and reply with the
+    trained adapter and its metrics (the loss only when finite).
+
+    ``train-seconds`` is the wall time of local training (``seconds="wall"``), or, for an emulated device whose
+    host is shared, the host seconds of its steps alone (``"steps"``: median step × steps)."""
     from flwr.app import Message, MetricRecord, RecordDict
 
-    from edge_client.data import read_jsonl
-    from edge_client.self_prune import SelfPruneConfig
-    from edge_client.trainer import train_local
+    from lorafleet.edge_client.data import read_jsonl
+    from lorafleet.edge_client.self_prune import SelfPruneConfig
+    from lorafleet.edge_client.trainer import train_local
 
-    config = _config(message)
-    pkg = _open(settings)
+    config = message_config(message)
     received = received_adapter(message, config, pkg)
-    examples = read_jsonl(settings.data).examples
+    lr = float(config[P.LEARNING_RATE])
     prune = (SelfPruneConfig(gamma=float(config[P.PRUNE_GAMMA]), lam=float(config.get(P.PRUNE_LAMBDA, 1.0)))
              if config.get(P.SELF_PRUNE) else False)
     start = time.perf_counter()
-    result = train_local(pkg, received.r, resolve_backend(settings, pkg), examples, initial_adapter=received,
-                         steps=int(config[P.LOCAL_STEPS]), batch_size=int(config[P.BATCH_SIZE]) or None,
-                         lr=float(config[P.LEARNING_RATE]), seed=device_seed(int(config[P.SEED]), settings.data),
-                         self_prune=prune)
-    metrics: dict[str, Any] = {P.NUM_EXAMPLES: result.num_examples, P.RANK: result.rank,
-               P.LOSS: float(statistics.fmean(result.losses)), P.TRAIN_SECONDS: time.perf_counter() - start}
-    return Message(RecordDict({P.ARRAYS: P.adapter_record(result.adapter),
-                               P.METRICS: MetricRecord(metrics)}), reply_to=message)
+    result = train_local(pkg, received.r, backend(received.r, lr), read_jsonl(data).examples,
+                         initial_adapter=received, steps=int(config[P.LOCAL_STEPS]),
+                         batch_size=int(config[P.BATCH_SIZE]) or None, lr=lr,
+                         seed=device_seed(int(config[P.SEED]), str(data)), self_prune=prune)
+    took = time.perf_counter() - start if seconds == "wall" else result.step_seconds * len(result.losses)
+    metrics: dict[str, Any] = {P.NUM_EXAMPLES: result.num_examples, P.RANK: result.rank, P.TRAIN_SECONDS: took}
+    loss = float(statistics.fmean(result.losses))
+    if math.isfinite(loss):
+        metrics[P.LOSS] = loss
+    return Message(RecordDict({P.ARRAYS: P.adapter_record(result.adapter), P.METRICS: MetricRecord(metrics)}),
+                   reply_to=message)
 
 
 def received_adapter(message: Message, config: Mapping[str, Any], pkg: Package) -> Any:
@@ -254,7 +276,7 @@ def device_seed(server_seed: int, data_path: str) -> int:
     return int.from_bytes(h.digest()[:4], "little")
 
 
-def _config(message: Message) -> Mapping[str, Any]:
+def message_config(message: Message) -> Mapping[str, Any]:
     content = message.content
     if P.CONFIG not in content.config_records:
         raise ConfigError(f"the server's message has no {P.CONFIG!r} record")
@@ -266,7 +288,7 @@ def _config(message: Message) -> Mapping[str, Any]:
 
 
 def _open(settings: NodeSettings) -> Package:
-    from export.package import open_package
+    from lorafleet.export.formats.package import open_package
 
     return open_package(settings.package, verify=False)
 

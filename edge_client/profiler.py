@@ -3,8 +3,8 @@
 With a package, real training steps of the packaged program run at two ranks (by default the smallest and the
 largest, which conditions the fit best), each in a fresh process so that its peak RSS is that rank's alone.
 Peak memory and step time are fitted as ``a + b·r`` (rank enters the LoRA training-memory formula linearly,
-DEVICES.md §3b; slopes are clamped at ≥ 0 against timing noise), every packaged rank is predicted, and
-:func:`edge_client.rank_choice.choose_rank` selects. If the larger measurement fails (e.g. out of memory on a
+docs/device-sources.md §3b; slopes are clamped at ≥ 0 against timing noise), every packaged rank is predicted, and
+:func:`lorafleet.edge_client.rank_choice.choose_rank` selects. If the larger measurement fails (e.g. out of memory on a
 small device) the slope comes from the manifest's formula estimates instead, and the reasons say so.
 
 The fixed terms — batch size and sequence length — are compiled into the package's programs: the profiler
@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge_client.device import DeviceReport
-from edge_client.rank_choice import Budgets, RankDecision, RankPrediction, choose_rank, fmt_bytes
-from export.errors import LorafleetError
-from export.package import Package
+from lorafleet.edge_client.device import DeviceReport
+from lorafleet.edge_client.rank_choice import Budgets, RankDecision, RankPrediction, choose_rank, fmt_bytes
+from lorafleet.export.formats.errors import LorafleetError
+from lorafleet.export.formats.package import Package
 
 
 @dataclass(frozen=True)
@@ -151,7 +151,7 @@ def _manifest_slopes(package: Package) -> tuple[float, float]:
 def measure_rank(package_path: str | Path, rank: int, backend: str, *, steps: int = 3, warmup: int = 1,
                  timeout: float = 900) -> RankMeasurement:
     """Train ``steps`` (+ ``warmup``) steps of ``rank`` in a child process; its peak RSS and median step time."""
-    cmd = [sys.executable, "-m", "edge_client.profiler", str(package_path), str(rank), backend, str(steps),
+    cmd = [sys.executable, "-m", "lorafleet.edge_client.profiler", str(package_path), str(rank), backend, str(steps),
            str(warmup)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
@@ -170,10 +170,10 @@ def _measure_here(package_path: str, rank: int, backend: str, steps: int, warmup
     """The child's side: build the backend, train on random tokens (every position labelled), report."""
     import numpy as np
 
-    from edge_client.backends import OptimizerConfig, make_backend
-    from edge_client.data import Batch
-    from edge_client.memory import peak_rss_bytes
-    from export.package import open_package
+    from lorafleet.edge_client.backends import OptimizerConfig, make_backend
+    from lorafleet.edge_client.data import Batch
+    from lorafleet.edge_client.memory import peak_rss_bytes
+    from lorafleet.export.formats.package import open_package
 
     pkg = open_package(package_path, verify=False)  # the parent verified it
     m = pkg.manifest

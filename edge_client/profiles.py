@@ -1,24 +1,29 @@
 """Device profiles: one TOML file per device class, schema in ``profiles/README.md``.
 
-An emulated device takes its memory, speed, network and availability from its profile. Every numeric figure
-carries a source tagged as ``/work/shared/DEVICES.md`` does: ``[S]`` sourced, ``[D]`` derived, ``[U]``
-unverified. Loading validates everything and raises :class:`export.errors.ConfigError` with one line naming
-the file and the field.
+An emulated device takes its memory, speed, network and availability from its profile. Every numeric figure carries a
+source tagged as ``docs/device-sources.md`` does: ``[S]`` sourced, ``[D]`` derived, ``[U]`` unverified. Loading
+validates everything against the pydantic model :class:`ProfileFile` and raises
+:class:`lorafleet.export.formats.errors.ConfigError` with one line naming the file and the field (:func:`_problem`
+words pydantic's first error).
 """
 
 from __future__ import annotations
 
-import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, get_args
 
-from export.errors import ConfigError
+from pydantic import AfterValidator, Field, ValidationInfo, field_validator
+
+from lorafleet.export.formats.errors import ConfigError
+from lorafleet.export.formats.schema import OWN, Problem, Strict, invalid, validate
 
 PROFILES_DIR = Path(__file__).resolve().parents[1] / "profiles"
-KINDS = ("jetson", "sbc", "android-flagship", "android-mid", "android-low", "ios", "host")
-RUNTIMES = ("executorch", "onnxruntime", "torch")
+Kind = Literal["jetson", "sbc", "android-flagship", "android-mid", "android-low", "ios", "host"]
+Runtime = Literal["executorch", "onnxruntime", "torch"]
+KINDS: tuple[str, ...] = get_args(Kind)
+RUNTIMES: tuple[str, ...] = get_args(Runtime)
 SOURCE_TAGS = ("[S]", "[D]", "[U]")
 GIB = 1 << 30
 
@@ -108,73 +113,123 @@ def load_profile(name_or_path: str | Path) -> DeviceProfile:
 
 
 def parse_profile(data: dict[str, Any], *, origin: str = "profile", path: Path | None = None) -> DeviceProfile:
-    """Validate a profile's parsed TOML. Errors read ``<origin>: field '<name>': <problem>``."""
-
-    def fail(name: str, problem: str) -> ConfigError:
-        return ConfigError(f"{origin}: field '{name}': {problem}")
-
-    for name in REQUIRED:
-        if name not in data:
-            raise fail(name, "missing (required; see profiles/README.md)")
-    for name in data:
-        if name not in REQUIRED and name not in OPTIONAL:
-            raise fail(name, f"unknown field (known: {', '.join(REQUIRED + OPTIONAL)})")
-    values: dict[str, Any] = {}
-    for name in ("name", "kind", "notes"):
-        if name in data and (not isinstance(data[name], str) or not data[name].strip()):
-            raise fail(name, f"must be a non-empty string, got {data[name]!r}")
-    if data["kind"] not in KINDS:
-        raise fail("kind", f"must be one of {', '.join(KINDS)}, got {data['kind']!r}")
-    for name, kind in NUMERIC_FIELDS.items():
-        values[name] = _number(data[name], kind, lambda p, n=name: fail(n, p))
-        if values[name] > MAXIMA[name] and name != "availability":
-            raise fail(name, f"must be at most {MAXIMA[name]:g}, got {values[name]!r}")
-    _check_ranges(values, fail)
-    runtimes = _runtimes(data["runtimes"], lambda p: fail("runtimes", p))
-    sources = _sources(data["sources"], fail)
-    return DeviceProfile(name=data["name"], kind=data["kind"], runtimes=runtimes, sources=sources,
-                         notes=data.get("notes", ""), path=path, **values)
+    """Validate a profile's parsed TOML against :class:`ProfileFile`. Errors read ``<origin>: field '<name>':
+    <problem>``."""
+    checked = validate(ProfileFile, data, error=ConfigError, render=lambda p: "{}: field '{}': {}".format(
+        origin, *_problem(p)))
+    figures = {name: NUMERIC_FIELDS[name](getattr(checked, name)) for name in NUMERIC_FIELDS}
+    return DeviceProfile(name=checked.name, kind=checked.kind, runtimes=tuple(checked.runtimes),
+                         sources=dict(data["sources"]), notes=checked.notes, path=path, **figures)
 
 
-def _number(value: Any, kind: type, fail: Any) -> float | int:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise fail(f"must be a number, got {value!r}")
-    if kind is int and not isinstance(value, int):
-        raise fail(f"must be an integer, got {value!r}")
-    if not math.isfinite(value) or value <= 0:
-        raise fail(f"must be positive, got {value!r}")
-    return kind(value)
+def _problem(p: Problem) -> tuple[str, str]:
+    """The field and the problem, as profiles have always worded them, for pydantic's first error."""
+    if p.type == OWN:
+        return p.field, p.message
+    if p.top == "sources" and len(p.loc) > 1:
+        if p.type == "missing":
+            return p.field, "missing: every figure needs a source ([S], [D] or [U] + where from)"
+        if p.type == "extra_forbidden":
+            return p.field, "names no figure of the profile"
+        return p.field, _source_problem(p.input)
+    if p.type == "missing":
+        return p.field, "missing (required; see profiles/README.md)"
+    if p.type == "extra_forbidden":
+        return p.field, f"unknown field (known: {', '.join(REQUIRED + OPTIONAL)})"
+    if p.top == "sources":
+        return "sources", f"must be a table with one entry per figure, got {p.input!r}"
+    if p.top == "runtimes":
+        if len(p.loc) > 1:
+            return "runtimes", f"unknown runtime {p.input!r} (known: {', '.join(RUNTIMES)})"
+        return "runtimes", f"must be a non-empty list of {', '.join(RUNTIMES)}, got {p.input!r}"
+    if p.top in ("name", "kind", "notes"):
+        if p.top == "kind" and isinstance(p.input, str) and p.input.strip():
+            return "kind", f"must be one of {', '.join(KINDS)}, got {p.input!r}"
+        return p.field, f"must be a non-empty string, got {p.input!r}"
+    if p.top in NUMERIC_FIELDS:
+        name = str(p.top)
+        if p.type == "int_type" and isinstance(p.input, float):
+            return name, f"must be an integer, got {p.input!r}"
+        if p.type in ("int_type", "float_type"):
+            return name, f"must be a number, got {p.input!r}"
+        if p.type in ("greater_than", "finite_number"):
+            return name, f"must be positive, got {p.input!r}"
+        if p.type == "less_than_equal" and name == "availability":
+            return name, f"must be a fraction in (0, 1], got {float(p.input)}"
+        if p.type == "less_than_equal":
+            return name, f"must be at most {MAXIMA[name]:g}, got {NUMERIC_FIELDS[name](p.input)!r}"
+    return p.field, f"{p.message}, got {p.shown}"
 
 
-def _check_ranges(values: dict[str, Any], fail: Any) -> None:
-    if values["app_memory_gib"] > values["memory_total_gib"]:
-        raise fail("app_memory_gib", f"must be at most memory_total_gib ({values['memory_total_gib']}), "
-                                     f"got {values['app_memory_gib']}")
-    if values["availability"] > 1:
-        raise fail("availability", f"must be a fraction in (0, 1], got {values['availability']}")
+def _nonblank(value: str) -> str:
+    if not value.strip():
+        raise invalid(f"must be a non-empty string, got {value!r}")
+    return value
 
 
-def _runtimes(value: Any, fail: Any) -> tuple[str, ...]:
-    if not isinstance(value, list) or not value:
-        raise fail(f"must be a non-empty list of {', '.join(RUNTIMES)}, got {value!r}")
-    for item in value:
-        if item not in RUNTIMES:
-            raise fail(f"unknown runtime {item!r} (known: {', '.join(RUNTIMES)})")
+def _distinct(value: list[str]) -> list[str]:
     if len(set(value)) != len(value):
-        raise fail(f"lists a runtime twice: {value!r}")
-    return tuple(value)
+        raise invalid(f"lists a runtime twice: {value!r}")
+    return value
 
 
-def _sources(value: Any, fail: Any) -> dict[str, str]:
-    if not isinstance(value, dict):
-        raise fail("sources", f"must be a table with one entry per figure, got {value!r}")
-    for name in NUMERIC_FIELDS:
-        if name not in value:
-            raise fail(f"sources.{name}", "missing: every figure needs a source ([S], [D] or [U] + where from)")
-    for name, text in value.items():
-        if name not in NUMERIC_FIELDS:
-            raise fail(f"sources.{name}", "names no figure of the profile")
-        if not isinstance(text, str) or not text.startswith(SOURCE_TAGS) or len(text.strip()) <= 4:
-            raise fail(f"sources.{name}", f"must start with [S], [D] or [U] and say where the figure comes "
-                                          f"from, got {text!r}")
-    return dict(value)
+def _source_problem(text: Any) -> str:
+    return f"must start with [S], [D] or [U] and say where the figure comes from, got {text!r}"
+
+
+def _source(text: str) -> str:
+    if not text.startswith(SOURCE_TAGS) or len(text.strip()) <= 4:
+        raise invalid(_source_problem(text))
+    return text
+
+
+# The schema of a profile file (profiles/README.md). Messages: :func:`_problem`.
+Text = Annotated[str, AfterValidator(_nonblank)]
+Source = Annotated[str, AfterValidator(_source)]
+
+
+def _figure(name: str) -> Any:
+    """A figure's bounds: positive, finite, at most ``MAXIMA[name]``."""
+    if NUMERIC_FIELDS[name] is int:
+        return Field(gt=0, le=MAXIMA[name])
+    return Field(gt=0, le=MAXIMA[name], allow_inf_nan=False)
+
+
+class Sources(Strict):
+    """``[sources]``: one tagged source per figure, and nothing else."""
+
+    memory_total_gib: Source
+    app_memory_gib: Source
+    cpu_cores: Source
+    sustained_gflops: Source
+    memory_bandwidth_gbs: Source
+    network_up_mbps: Source
+    network_down_mbps: Source
+    availability: Source
+
+
+class ProfileFile(Strict):
+    """A profile file as written. Fields are checked in this order (the first problem is reported): the
+    strings, the figures, then the lists and tables."""
+
+    name: Text
+    kind: Kind
+    notes: Text = ""
+    memory_total_gib: float = _figure("memory_total_gib")
+    app_memory_gib: float = _figure("app_memory_gib")
+    cpu_cores: int = _figure("cpu_cores")
+    sustained_gflops: float = _figure("sustained_gflops")
+    memory_bandwidth_gbs: float = _figure("memory_bandwidth_gbs")
+    network_up_mbps: float = _figure("network_up_mbps")
+    network_down_mbps: float = _figure("network_down_mbps")
+    availability: float = _figure("availability")
+    runtimes: Annotated[list[Runtime], Field(min_length=1), AfterValidator(_distinct)]
+    sources: Sources
+
+    @field_validator("app_memory_gib")
+    @classmethod
+    def _within_total(cls, value: float, info: ValidationInfo) -> float:
+        total = info.data.get("memory_total_gib")
+        if total is not None and value > total:
+            raise invalid(f"must be at most memory_total_gib ({float(total)}), got {float(value)}")
+        return value

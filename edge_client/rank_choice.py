@@ -3,7 +3,7 @@
 A rank fits when its predicted peak memory is within the memory budget (``memory_fraction`` × the device's
 available memory) and its local round — ``steps_per_round`` training steps at the device's speed plus sending
 and receiving the adapter over the device's network — is within the time budget. The largest fitting rank is
-selected (HetLoRA, Cho et al. 2024, assigns each client the largest rank its capability allows; DEVICES.md
+selected (HetLoRA, Cho et al. 2024, assigns each client the largest rank its capability allows; docs/device-sources.md
 §3b: map rank monotonically from the memory left, not from TOPS). Nothing fitting is an answer, not an error:
 ``selected_rank`` is ``None`` and the reasons say which limit binds.
 
@@ -17,8 +17,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from edge_client.device import DeviceReport
-from export.errors import ConfigError
+from lorafleet.edge_client.device import DeviceReport
+from lorafleet.export.formats.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -59,17 +59,67 @@ class Budgets:
 
 @dataclass(frozen=True)
 class Candidate:
+    """One rank measured against the budgets. The decision is the fields (``memory_ok``, ``time_ok``, ``fits``);
+    ``why`` and the other texts are rendered from them, for people."""
+
     rank: int
     predicted_peak_bytes: int
+    memory_budget_bytes: int
     predicted_step_seconds: float  # on the device
-    predicted_round_seconds: float  # steps_per_round steps + adapter down and up
-    fits: bool
-    why: str
+    transfer_seconds: float  # the adapter down and up
+    steps_per_round: int
+    time_budget_seconds: float | None
+
+    @property
+    def predicted_round_seconds(self) -> float:
+        """``steps_per_round`` steps plus the adapter's transfer."""
+        return self.steps_per_round * self.predicted_step_seconds + self.transfer_seconds
+
+    @property
+    def memory_ok(self) -> bool:
+        return self.predicted_peak_bytes <= self.memory_budget_bytes
+
+    @property
+    def time_ok(self) -> bool:
+        return self.time_budget_seconds is None or self.predicted_round_seconds <= self.time_budget_seconds
+
+    @property
+    def fits(self) -> bool:
+        return self.memory_ok and self.time_ok
+
+    @property
+    def limit(self) -> str | None:
+        """Which limit this rank breaks: ``"memory"``, ``"time"``, ``"memory and time"``, or ``None``."""
+        broken = [name for name, ok in (("memory", self.memory_ok), ("time", self.time_ok)) if not ok]
+        return " and ".join(broken) or None
+
+    @property
+    def memory_text(self) -> str:
+        return (f"peak {fmt_bytes(self.predicted_peak_bytes)} {'≤' if self.memory_ok else '>'} memory budget "
+                f"{fmt_bytes(self.memory_budget_bytes)}")
+
+    @property
+    def round_text(self) -> str:
+        text = (f"round {self.predicted_round_seconds:.1f} s ({self.steps_per_round} steps × "
+                f"{self.predicted_step_seconds:.3f} s + {self.transfer_seconds:.1f} s transfer)")
+        if self.time_budget_seconds is not None:
+            text += f" {'≤' if self.time_ok else '>'} time budget {self.time_budget_seconds:g} s"
+        return text
+
+    @property
+    def why(self) -> str:
+        if self.fits:
+            return f"fits: {self.memory_text}; {self.round_text}"
+        if not self.memory_ok and not self.time_ok:
+            return f"too big and too slow: {self.memory_text}; {self.round_text}"
+        return f"too big: {self.memory_text}" if not self.memory_ok else f"too slow: {self.round_text}"
 
     def to_json(self) -> dict[str, Any]:
         return {"rank": self.rank, "predicted_peak_bytes": self.predicted_peak_bytes,
-                "predicted_step_seconds": round(self.predicted_step_seconds, 6), "fits": self.fits,
-                "why": self.why}
+                "predicted_step_seconds": round(self.predicted_step_seconds, 6),
+                "predicted_round_seconds": round(self.predicted_round_seconds, 6),
+                "memory_ok": self.memory_ok, "time_ok": self.time_ok, "fits": self.fits,
+                "memory": self.memory_text, "round": self.round_text, "why": self.why}
 
 
 @dataclass(frozen=True)
@@ -106,24 +156,8 @@ def choose_rank(device: DeviceReport, predictions: list[RankPrediction], budgets
 
 
 def _candidate(p: RankPrediction, device: DeviceReport, budgets: Budgets, memory_budget: int) -> Candidate:
-    step = p.step_seconds * device.time_scale
-    transfer = transfer_seconds(p.adapter_bytes, device)
-    round_s = budgets.steps_per_round * step + transfer
-    mem_ok = p.peak_bytes <= memory_budget
-    time_ok = budgets.time_budget_seconds is None or round_s <= budgets.time_budget_seconds
-    mem = f"peak {fmt_bytes(p.peak_bytes)} {'≤' if mem_ok else '>'} memory budget {fmt_bytes(memory_budget)}"
-    rnd = (f"round {round_s:.1f} s ({budgets.steps_per_round} steps × {step:.3f} s + {transfer:.1f} s transfer)")
-    if budgets.time_budget_seconds is not None:
-        rnd += f" {'≤' if time_ok else '>'} time budget {budgets.time_budget_seconds:g} s"
-    if mem_ok and time_ok:
-        why = f"fits: {mem}; {rnd}"
-    elif not mem_ok and not time_ok:
-        why = f"too big and too slow: {mem}; {rnd}"
-    elif not mem_ok:
-        why = f"too big: {mem}"
-    else:
-        why = f"too slow: {rnd}"
-    return Candidate(p.rank, p.peak_bytes, step, round_s, mem_ok and time_ok, why)
+    return Candidate(p.rank, p.peak_bytes, memory_budget, p.step_seconds * device.time_scale,
+                     transfer_seconds(p.adapter_bytes, device), budgets.steps_per_round, budgets.time_budget_seconds)
 
 
 def _budget_reasons(device: DeviceReport, budgets: Budgets, memory_budget: int) -> list[str]:
@@ -150,17 +184,11 @@ def _verdict(candidates: list[Candidate], selected: int | None) -> str:
     blocker = next((c for c in above if not c.fits), None)
     if selected is None:
         assert blocker is not None
-        return f"no packaged rank fits: the smallest, rank {blocker.rank}, is {blocker.why} ({_limit(blocker)} binds)"
+        return f"no packaged rank fits: the smallest, rank {blocker.rank}, is {blocker.why} ({blocker.limit} binds)"
     if blocker is None:
         return f"selected rank {selected}: the largest packaged rank fits, no limit binds"
     return (f"selected rank {selected}: the largest rank that fits; rank {blocker.rank} is {blocker.why} "
-            f"({_limit(blocker)} binds)")
-
-
-def _limit(c: Candidate) -> str:
-    if c.why.startswith("too big and too slow"):
-        return "memory and time"
-    return "memory" if c.why.startswith("too big") else "time"
+            f"({blocker.limit} binds)")
 
 
 def fmt_bytes(n: float) -> str:

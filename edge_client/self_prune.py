@@ -1,5 +1,5 @@
 """HetLoRA's local rank self-pruning (Cho et al., "Heterogeneous LoRA for Federated Fine-tuning of On-Device
-Foundation Models", 2024, §3; ALGORITHMS.md).
+Foundation Models", 2024, arXiv:2401.06432, §3).
 
 During local training the client penalises its highest rank components: λ · Σ_modules ‖B_tail‖_F · ‖A_tail‖_F,
 the tail being the last ``r − ⌊γ·r⌋`` components (the last (1 − γ) fraction of the rank, at least one). After
@@ -16,7 +16,7 @@ Where lorafleet differs, and why:
 * **Packaged ranks only.** A device can train only ranks that have programs in the package, so the new rank
   ⌊γ·r⌋ is capped to the largest packaged rank ≤ ⌊γ·r⌋ (r = 8, γ = 0.99 → 7 → 4 with ranks {4, 8, 16});
   when no packaged rank is that small the rank stays. The output adapter is the first ``new_rank``
-  components (:func:`export.adapter.truncate`), so ΔW loses exactly the pruned components.
+  components (:func:`lorafleet.export.formats.adapter.truncate`), so ΔW loses exactly the pruned components.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from export.adapter import Adapter, LoraPair, truncate, with_modules
-from export.errors import ConfigError
+from lorafleet.export.formats.adapter import Adapter, LoraPair, truncate, with_modules
+from lorafleet.export.formats.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """The tokenizer of a package's foundation model, loaded without the model's weights.
 
-Random-weight specs use lorafleet's byte tokenizer (:mod:`export.tokenizer`); the embedded model, local
-Hugging Face directories and GGUF files carry their own tokenizer and chat template.
+Random-weight specs use lorafleet's byte tokenizer (:mod:`lorafleet.export.compiler.tokenizer`); the embedded model,
+local Hugging Face directories and GGUF files carry their own tokenizer and chat template.
 """
 
 from __future__ import annotations
@@ -9,17 +9,17 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any
 
-from export.errors import ModelSpecError
+from lorafleet.export.formats.errors import ModelSpecError
 
 
 @lru_cache(maxsize=4)
 def load_tokenizer(spec: str) -> Any:
     """A ``transformers`` tokenizer with a chat template for model spec ``spec``."""
-    from export.models import embedded_hf_dir, parse_spec
+    from lorafleet.export.compiler.models import embedded_hf_dir, parse_spec
 
     ms = parse_spec(spec)
     if ms.kind == "random":
-        from export.tokenizer import byte_tokenizer
+        from lorafleet.export.compiler.tokenizer import byte_tokenizer
 
         return byte_tokenizer()
     from transformers import AutoTokenizer

@@ -2,7 +2,7 @@
 
 :func:`train_local` takes a package, a rank, a backend, instruction examples and an optional received adapter,
 runs ``steps`` training steps of the package's fixed shape (``batch_size × seq_len``), optionally applies
-HetLoRA's rank self-pruning (:mod:`edge_client.self_prune`), and returns the trained adapter (PEFT layout, the
+HetLoRA's rank self-pruning (:mod:`lorafleet.edge_client.self_prune`), and returns the trained adapter (PEFT layout, the
 package's ``lora_alpha`` scaling) with per-step losses, the measured peak RSS of the process during the call,
 and the median seconds per step.
 """
@@ -17,15 +17,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edge_client.backends import BACKENDS, OptimizerConfig, TrainingBackend, make_backend
-from edge_client.data import Example, batches, encode_all
-from edge_client.memory import peak_rss_bytes, reset_peak_rss
-from edge_client.self_prune import PruneDecision, SelfPruneConfig, regularizer_step
-from edge_client.self_prune import self_prune as apply_self_prune
-from export.adapter import Adapter
-from export.errors import ConfigError
-from export.lora import LoraSpec, conform
-from export.package import Package, open_package
+from lorafleet.edge_client.backends import BACKENDS, OptimizerConfig, TrainingBackend, make_backend
+from lorafleet.edge_client.data import Example, batches, encode_all
+from lorafleet.edge_client.memory import peak_rss_bytes, reset_peak_rss
+from lorafleet.edge_client.self_prune import PruneDecision, SelfPruneConfig, regularizer_step
+from lorafleet.edge_client.self_prune import self_prune as apply_self_prune
+from lorafleet.export.formats.adapter import Adapter, conform
+from lorafleet.export.formats.errors import ConfigError
+from lorafleet.export.formats.package import Package, open_package
+from lorafleet.export.formats.program import LoraSpec
 
 COMPILED = ("executorch", "onnxruntime")  # backends whose programs have a fixed batch shape
 
@@ -77,7 +77,7 @@ def train_local(package: Package | str | Path, rank: int, backend: str | Trainin
         m = pkg.manifest
         spec = LoraSpec(rank, tuple(m.target_modules), m.lora_alpha, m.use_rslora)
         be.load_adapter(conform(initial_adapter, spec, expected=None))  # truncated if larger, rescaled
-    from edge_client.tokenizer import load_tokenizer
+    from lorafleet.edge_client.tokenizer import load_tokenizer
 
     encoded = encode_all(load_tokenizer(pkg.manifest.model.spec), examples, pkg.manifest.seq_len)
     received = be.adapter_state() if self_prune_config else None

@@ -1,8 +1,10 @@
 """lorafleet: federated LoRA fine-tuning of on-device language models.
 
-This top package holds orchestration only (the CLI, fleet emulation, the demo). The libraries live in
-``export`` (formats + edge-package compiler), ``edge_client`` (on-device runtime) and ``server``
-(aggregation + Flower strategy); nothing below imports this package.
+Everything installs under this one name. The libraries are ``lorafleet.export`` (the formats every layer
+speaks, the edge-package compiler, the runtime sessions), ``lorafleet.edge_client`` (the device) and
+``lorafleet.server`` (aggregation and the Flower strategy); this package's own modules orchestrate them:
+the CLI (``lorafleet.commands``), emulated fleets (``lorafleet.fleet``) and real federations
+(``lorafleet.federation``). The libraries never import the orchestration; docs/ARCHITECTURE.md has the map.
 """
 
 __version__ = "0.1.0"

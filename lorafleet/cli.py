@@ -1,8 +1,8 @@
 """The ``lorafleet`` command line: parses, calls the library, prints.
 
-Every subcommand lives in its own module under :mod:`lorafleet.commands` and registers itself on the app.
-Known errors (:class:`export.errors.LorafleetError`, and OS errors on user-given paths) become one line on
-stderr and a non-zero exit; ``LORAFLEET_DEBUG=1`` shows the traceback instead.
+Every subcommand lives in its own module under :mod:`lorafleet.commands` and registers itself on the app. Known errors
+(:class:`lorafleet.export.formats.errors.LorafleetError`, and OS errors on user-given paths) become one line on stderr
+and a non-zero exit; ``LORAFLEET_DEBUG=1`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -10,11 +10,12 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import Annotated
 
 import typer
 
-from export.errors import LorafleetError
 from lorafleet.commands import COMMAND_MODULES
+from lorafleet.export.formats.errors import LorafleetError
 
 app = typer.Typer(
     name="lorafleet",
@@ -22,7 +23,26 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},  # inherited by every subcommand's context
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from lorafleet import __version__
+
+        typer.echo(f"lorafleet {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    pass
+
+
 for _module in COMMAND_MODULES:
     _module.register(app)
 
@@ -31,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     """Console-script entry point. Returns the exit code."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     # libgomp's default busy-wait makes small matmuls crawl when several processes share few cores
-    # (measured: FlexLoRA over 10 replies 26 s instead of 0.3 s on a loaded 2-core machine).
+    # (docs/BENCHMARKS.md, "OpenMP spin-waiting").
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

@@ -1,10 +1,11 @@
 """How far one device can move the global adapter: bounds, clipping and the finiteness of aggregates.
 
-Validation (:mod:`server.validation`) makes sure a reply *is* a rank-r adapter of the right modules; it says
-nothing about its size. A reply of ``randn × 1e19`` is finite float32 and well formed, and one such device
-turns FlexLoRA's global adapter into Inf. These functions bound every reply against the adapter it was sent,
-clip it if asked, and check an aggregate before it may replace the global adapter. All are pure functions of
-:class:`export.adapter.Adapter` s; the strategy applies them, ``lorafleet aggregate`` applies the absolute one.
+Validation (:mod:`lorafleet.server.validation`) makes sure a reply *is* a rank-r adapter of the right modules; it says
+nothing about its size. A reply of ``randn × 1e19`` is finite float32 and well formed, and one such device turns
+FlexLoRA's global adapter into Inf. These functions bound every reply against the adapter it was sent, clip it if asked,
+and check an aggregate before it may replace the global adapter. All are pure functions of
+:class:`lorafleet.export.formats.adapter.Adapter` s; the strategy applies them, ``lorafleet aggregate`` applies the
+absolute one.
 
 **The change a reply makes.** For a device sent factors (A, B) at scaling s that returns (A', B') at s', the
 change to the model's weights is D = s'B'A' − sBA per module, and ‖D‖_F² is computed exactly from small
@@ -40,12 +41,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from export.adapter import Adapter, LoraPair, truncate, with_modules
+from lorafleet.export.formats.adapter import Adapter, LoraPair, truncate, with_modules
 
 if TYPE_CHECKING:
     import torch
 
-BETAS = (0.9, 0.999)  # the devices' AdamW (edge_client.backends.base.OptimizerConfig)
+BETAS = (0.9, 0.999)  # the devices' AdamW (lorafleet.edge_client.backends.base.OptimizerConfig)
 MARGIN = 2.0
 FLOAT32_MAX = 3.4028234663852886e38
 # Offline plausibility bound: root-mean-square ΔW per base weight. Trained LoRA updates are ~1e-3 and base

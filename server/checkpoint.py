@@ -29,13 +29,13 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
-from export.adapter import WEIGHTS_FILE, read_adapter, write_adapter
-from export.atomic import atomic_write_text
-from export.errors import LorafleetError
-from export.schema import Strict, validate
+from lorafleet.export.formats.adapter import WEIGHTS_FILE, read_adapter, write_adapter
+from lorafleet.export.formats.atomic import atomic_write_text
+from lorafleet.export.formats.errors import LorafleetError
+from lorafleet.export.formats.schema import Strict, validate
 
 if TYPE_CHECKING:
-    from export.adapter import Adapter
+    from lorafleet.export.formats.adapter import Adapter
 
 STATE_FILE = "state.json"
 GLOBAL_DIR = "global"
@@ -128,7 +128,7 @@ class Checkpoint:
 
     def save(self, state: ServerState, adapter: Adapter) -> None:
         """Persist ``state`` and the global ``adapter`` atomically (see the module docstring)."""
-        from server.bounds import finite_adapter
+        from lorafleet.server.bounds import finite_adapter
 
         check = finite_adapter(adapter)
         if not check.finite:

@@ -1,14 +1,14 @@
 """What the server does with a round's valid replies before one of them touches the global adapter.
 
-Validation (:mod:`server.validation`) has made each reply a well-formed :class:`Update`. Here, in order:
+Validation (:mod:`lorafleet.server.validation`) has made each reply a well-formed :class:`Update`. Here, in order:
 
 1. **Bound** — a reply that changed any LoRA parameter of the adapter it was sent by more than AdamW can
-   in the round's local steps at its learning rate (:func:`server.bounds.adamw_step_limit`; the default),
+   in the round's local steps at its learning rate (:func:`lorafleet.server.bounds.adamw_step_limit`; the default),
    or — with a fixed ``max_update_norm`` — whose weight change ‖ΔW_reply − ΔW_sent‖_F exceeds it, is dropped.
 2. **Cap the weight** — a reply's example count counts at most ``max_examples`` (the claim is recorded).
 3. **Clip** (``clip_updates`` = K > 0) — each parameter update is clipped to K × the round's median norm.
 4. **Aggregate, finitely** — :func:`aggregate_finite` aggregates; if the result is not finite
-   (:func:`server.bounds.finite_adapter`), the reply with the largest change is dropped and the rest
+   (:func:`lorafleet.server.bounds.finite_adapter`), the reply with the largest change is dropped and the rest
    re-aggregated, until the result is finite or nothing is left (then the global adapter is kept).
 
 Everything that happened to a reply is a typed field of :class:`RoundResult` (the history entry is rendered
@@ -22,13 +22,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from export.adapter import truncate
-from export.errors import ConfigError
-from server import bounds as B
+from lorafleet.export.formats.adapter import truncate
+from lorafleet.export.formats.errors import ConfigError
+from lorafleet.server import bounds as B
 
 if TYPE_CHECKING:
-    from export.adapter import Adapter
-    from server.validation import Update
+    from lorafleet.export.formats.adapter import Adapter
+    from lorafleet.server.validation import Update
 
 DEFAULT_MAX_EXAMPLES = 10_000
 
@@ -115,7 +115,7 @@ def aggregate_finite(method: str, updates: Mapping[int, Update], rank: int,
     the seconds the finiteness checks took."""
     import time
 
-    from server.aggregation import aggregate
+    from lorafleet.server.aggregation import aggregate
 
     kept = dict(updates)
     dropped: dict[int, str] = {}
@@ -160,7 +160,7 @@ class RoundResult:
 
     @property
     def loss(self) -> float | None:
-        from export import protocol as P
+        from lorafleet.export.formats import protocol as P
 
         losses = [(u.metrics[P.LOSS], u.num_examples) for u in self.valid.values() if P.LOSS in u.metrics]
         total = sum(n for _, n in losses)

@@ -1,12 +1,13 @@
-"""The lorafleet ServerApp: a Flower app whose strategy is :class:`server.strategy.LoraFleetStrategy`.
+"""The lorafleet ServerApp: a Flower app whose strategy is :class:`lorafleet.server.strategy.LoraFleetStrategy`.
 
 Deployment (``lorafleet serve``, or ``flwr run`` against a running ``flower-superlink``) reads the settings
-from the run config (the keys of :data:`RUN_CONFIG_KEYS`, declared in ``lorafleet/flower_app/pyproject.toml``).
+from the run config (the keys of :data:`RUN_CONFIG_KEYS`, declared in
+``lorafleet/federation/flower-app/pyproject.toml``).
 Simulation passes them directly::
 
     from flwr.simulation import run_simulation
-    from server.server_app import ServerConfig, make_server_app
-    from edge_client.flower_client import make_client_app
+    from lorafleet.server.server_app import ServerConfig, make_server_app
+    from lorafleet.edge_client.flower_client import make_client_app
     run_simulation(make_server_app(ServerConfig(package=..., method="flexlora", rounds=3, state_dir=...)),
                    make_client_app(node_settings=...), num_supernodes=1000)
 """
@@ -15,24 +16,26 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from logging import INFO
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from flwr.serverapp import ServerApp
 
-from export.errors import ConfigError
+from lorafleet.export.formats.errors import ConfigError
 
 if TYPE_CHECKING:
     from flwr.app import Context, Message
     from flwr.serverapp import Grid
 
-    from export.adapter import Adapter
-    from export.package import Package
-    from server.checkpoint import ServerState
-    from server.strategy import LoraFleetStrategy
+    from lorafleet.export.formats.adapter import Adapter
+    from lorafleet.export.formats.package import Package
+    from lorafleet.server.checkpoint import ServerState
+    from lorafleet.server.strategy import LoraFleetStrategy
+
+S = TypeVar("S", bound="LoraFleetStrategy")
 
 # run-config key (as written in pyproject.toml and `flwr run -c`) -> ServerConfig field
 RUN_CONFIG_KEYS = {
@@ -65,12 +68,12 @@ class ServerConfig:
     self_prune: bool = True
     prune_gamma: float = 0.99
     prune_lambda: float = 1.0
-    max_examples: int = 10_000  # a reply weighs at most this many examples (server.replies.ReplyBounds)
+    max_examples: int = 10_000  # a reply weighs at most this many examples (lorafleet.server.replies.ReplyBounds)
     max_update_norm: float = 0.0  # 0: each reply's bound derived from lr and local_steps
     clip_updates: float = 0.0  # K > 0: clip parameter updates to K × the round's median norm
 
     def __post_init__(self) -> None:
-        from server.aggregation import METHODS
+        from lorafleet.server.aggregation import METHODS
 
         if not self.package:
             raise ConfigError("package must be the path of an edge package, got ''")
@@ -89,55 +92,48 @@ class ServerConfig:
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> ServerConfig:
-        """Build from a Flower run config (dash-separated keys; unknown keys are an error)."""
-        unknown = sorted(set(run_config) - set(RUN_CONFIG_KEYS))
-        if unknown:
-            raise ConfigError(f"unknown run-config keys {unknown} (known: {sorted(RUN_CONFIG_KEYS)})")
-        kinds = {f.name: f.type for f in fields(cls)}
-        values: dict[str, Any] = {}
-        for key, value in run_config.items():
-            name = RUN_CONFIG_KEYS[key]
-            values[name] = _coerce(key, value, str(kinds[name]))
-        return cls(**values)
+        """Build from a Flower run config (dash-separated keys; unknown keys are an error): each value checked
+        against its field's type by a strict pydantic model of the fields (an int passes as a float, nothing
+        passes as a bool or a number that is not one), then bounded by ``__post_init__``."""
+        from lorafleet.export.formats.schema import parse_fields
+
+        return parse_fields(cls, run_config, RUN_CONFIG_KEYS, _run_config_problem, ConfigError)
 
     def to_run_config(self) -> dict[str, Any]:
         return {key: getattr(self, name) for key, name in RUN_CONFIG_KEYS.items()}
 
     def train_settings(self) -> Any:
-        from server.strategy import TrainSettings
+        from lorafleet.server.strategy import TrainSettings
 
         return TrainSettings(local_steps=self.local_steps, lr=self.lr, batch_size=self.batch_size,
                              self_prune=self.self_prune, prune_gamma=self.prune_gamma,
                              prune_lambda=self.prune_lambda, round_timeout=self.round_timeout)
 
     def reply_bounds(self) -> Any:
-        from server.replies import ReplyBounds
+        from lorafleet.server.replies import ReplyBounds
 
         return ReplyBounds(max_update_norm=self.max_update_norm, max_examples=self.max_examples,
                            clip_updates=self.clip_updates)
 
 
-def _coerce(key: str, value: Any, kind: str) -> Any:
-    if kind == "bool":
-        if not isinstance(value, bool):
-            raise ConfigError(f"run config {key} must be true or false, got {value!r}")
-        return value
-    if kind == "int":
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"run config {key} must be an integer, got {value!r}")
-        return value
-    if kind == "float":
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"run config {key} must be a number, got {value!r}")
-        return float(value)
-    if not isinstance(value, str):
-        raise ConfigError(f"run config {key} must be a string, got {value!r}")
-    return value
+def _run_config_problem(p: Any) -> str:
+    """The one-line message for the first problem (a :class:`lorafleet.export.formats.schema.Problem`) of a
+    run config."""
+    unknown = p.unknown()
+    if unknown:
+        return f"unknown run-config keys {unknown} (known: {sorted(RUN_CONFIG_KEYS)})"
+    if p.type == "missing":
+        return f"run config {p.field} is missing (required)"
+    wanted = {"bool_type": "true or false", "int_type": "an integer", "float_type": "a number",
+              "string_type": "a string"}.get(p.type)
+    if wanted is None:
+        return f"run config {p.field}: {p.message}, got {p.input!r}"
+    return f"run config {p.field} must be {wanted}, got {p.input!r}"
 
 
 def open_server_package(path: str | Path) -> Package:
     """The package as the server needs it: manifest and initial adapters (program files are not read)."""
-    from export.package import open_package
+    from lorafleet.export.formats.package import open_package
 
     return open_package(path, verify=False)
 
@@ -145,8 +141,8 @@ def open_server_package(path: str | Path) -> Package:
 def preflight(config: ServerConfig) -> None:
     """Check what a deployed run needs before any process starts: a state directory, the package, and a
     state directory that is new (or, with ``resume``, holds a run of the same method)."""
-    from server.checkpoint import Checkpoint, CheckpointError
-    from server.strategy import global_rank_for
+    from lorafleet.server.checkpoint import Checkpoint, CheckpointError
+    from lorafleet.server.strategy import global_rank_for
 
     if not config.state_dir:
         raise ConfigError("a deployed server needs a state directory (--state)")
@@ -162,11 +158,22 @@ def preflight(config: ServerConfig) -> None:
         raise CheckpointError(f"{ckpt.dir} holds a {state.method} run; it cannot resume as {config.method}")
 
 
-def build_strategy(config: ServerConfig) -> tuple[LoraFleetStrategy, int]:
-    """The strategy for ``config`` (fresh, or resumed from its state directory) and the rounds left to run."""
-    from server.checkpoint import Checkpoint
-    from server.strategy import LoraFleetStrategy, global_rank_for
-    from server.validation import ReplyLimits
+@overload
+def build_strategy(config: ServerConfig) -> tuple[LoraFleetStrategy, int]: ...
+
+
+@overload
+def build_strategy(config: ServerConfig, cls: type[S], **overrides: Any) -> tuple[S, int]: ...
+
+
+def build_strategy(config: ServerConfig, cls: type[Any] | None = None, **overrides: Any) -> tuple[Any, int]:
+    """The strategy for ``config`` (fresh, or resumed from its state directory) and the rounds left to run.
+
+    ``cls`` (a :class:`LoraFleetStrategy` subclass, e.g. the emulated fleet's) is built instead of the base
+    class with the same arguments; ``overrides`` replace or add constructor arguments."""
+    from lorafleet.server.checkpoint import Checkpoint
+    from lorafleet.server.strategy import LoraFleetStrategy, global_rank_for
+    from lorafleet.server.validation import ReplyLimits
 
     pkg = open_server_package(config.package)
     m = pkg.manifest
@@ -175,11 +182,11 @@ def build_strategy(config: ServerConfig) -> tuple[LoraFleetStrategy, int]:
     limits = ReplyLimits.from_adapter(pkg.initial_adapter(max(m.ranks)), tuple(m.ranks), m.lora_alpha,
                                       use_rslora=m.use_rslora)
     state.global_rank = global_rank_for(config.method, m.ranks)
-    strategy = LoraFleetStrategy(global_adapter=adapter, state=state, limits=limits,
-                                 settings=config.train_settings(), bounds=config.reply_bounds(),
-                                 checkpoint=checkpoint,
-                                 min_clients=config.min_clients,
-                                 min_valid=config.min_valid or config.min_clients, fraction=config.fraction)
+    kwargs: dict[str, Any] = dict(global_adapter=adapter, state=state, limits=limits,
+                                  settings=config.train_settings(), bounds=config.reply_bounds(),
+                                  checkpoint=checkpoint, min_clients=config.min_clients,
+                                  min_valid=config.min_valid or config.min_clients, fraction=config.fraction)
+    strategy = (cls or LoraFleetStrategy)(**{**kwargs, **overrides})
     return strategy, max(config.rounds - state.round, 0)
 
 
@@ -187,8 +194,8 @@ def _initial_state(config: ServerConfig, pkg: Package,
                    checkpoint: Any) -> tuple[ServerState, Adapter]:
     from flwr.supercore import log
 
-    from server.checkpoint import CheckpointError, ServerState
-    from server.strategy import global_rank_for
+    from lorafleet.server.checkpoint import CheckpointError, ServerState
+    from lorafleet.server.strategy import global_rank_for
 
     if checkpoint is not None and config.resume:
         checkpoint.check_resumable()
@@ -226,27 +233,33 @@ def run_server(grid: Grid, config: ServerConfig) -> ServerState:
 
 
 class PromptGrid:
-    """A deployment Grid that looks for replies every ``interval`` seconds instead of Flower's 3 s, so a round
-    ends as soon as its last reply is in (the SuperLink answers each pull from memory; pulls are cheap)."""
+    """A Grid that looks for replies every ``interval`` seconds (Flower's deployment grid waits 3 s), so a
+    round ends as soon as its last reply is in (the SuperLink answers each pull from memory; pulls are cheap),
+    and tells ``on_replies(received, sent)`` as they arrive (the emulated fleet's progress display)."""
 
-    def __init__(self, grid: Grid, interval: float = 0.5):
-        self._grid, self.interval = grid, interval
+    def __init__(self, grid: Grid, interval: float = 0.5, on_replies: Callable[[int, int], None] | None = None):
+        self._grid, self.interval, self.on_replies = grid, interval, on_replies
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        """As ``HttpGrid.send_and_receive``: push, then pull until every reply is in or ``timeout`` passes."""
+        """As ``Grid.send_and_receive``: push, then pull until every reply is in or ``timeout`` passes."""
         pending = set(self._grid.push_messages(messages))
+        total, replies = len(pending), []
         deadline = time.monotonic() + (timeout or 0.0)
-        replies: list[Message] = []
-        while True:
+        if self.on_replies:
+            self.on_replies(0, total)
+        while pending:
             got = list(self._grid.pull_messages(pending))
             replies.extend(got)
             pending -= {m.metadata.reply_to_message_id for m in got}
+            if got and self.on_replies:
+                self.on_replies(len(replies), total)
             if not pending or (timeout is not None and time.monotonic() >= deadline):
-                return replies
+                break
             time.sleep(self.interval)
+        return replies
 
 
 def _prompt(grid: Grid) -> Grid:

@@ -7,14 +7,14 @@ nodes and logs; this class
 * learns each sampled node's rank once, with a rank query the device answers from its profiler (HetLoRA,
   Cho et al. 2024, gives every client the largest rank its resources allow);
 * in :meth:`configure_train` sends every node the global adapter distributed to its rank
-  (:func:`server.aggregation.distribute`: the first r components — HetLoRA's truncation, FlexLoRA's rank-r
+  (:func:`lorafleet.server.aggregation.distribute`: the first r components — HetLoRA's truncation, FlexLoRA's rank-r
   SVD slice, Bai et al. 2024), expressed at the package's ``lora_alpha`` so the device's compiled program
   takes it as is;
-* in :meth:`aggregate_train` validates every reply (:mod:`server.validation`), bounds, caps and optionally
-  clips them against what each device was sent (:mod:`server.replies`), aggregates the rest with the pure
+* in :meth:`aggregate_train` validates every reply (:mod:`lorafleet.server.validation`), bounds, caps and optionally
+  clips them against what each device was sent (:mod:`lorafleet.server.replies`), aggregates the rest with the pure
   aggregation weighted by example counts, and accepts the result only if it is finite; with fewer valid
   replies than the minimum the previous global adapter is kept;
-* checkpoints after every round (:mod:`server.checkpoint`).
+* checkpoints after every round (:mod:`lorafleet.server.checkpoint`).
 
 Subclasses (the emulated fleet) extend it through three hooks, never through its private state:
 :meth:`eligible_nodes` (which connected nodes a round may sample), :meth:`screen_replies` (replies to drop
@@ -39,18 +39,18 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
-from export import protocol as P
-from export.adapter import rescale
-from export.errors import ConfigError
-from server.aggregation import METHODS, distribute
-from server.replies import ReplyBounds, RoundResult, Training, aggregate_finite, screen
-from server.validation import RejectedUpdate, ReplyLimits, Update, validate_query_reply, validate_train_reply
+from lorafleet.export.formats import protocol as P
+from lorafleet.export.formats.adapter import rescale
+from lorafleet.export.formats.errors import ConfigError
+from lorafleet.server.aggregation import METHODS, distribute
+from lorafleet.server.replies import ReplyBounds, RoundResult, Training, aggregate_finite, screen
+from lorafleet.server.validation import RejectedUpdate, ReplyLimits, Update, validate_query_reply, validate_train_reply
 
 if TYPE_CHECKING:
     from flwr.serverapp import Grid
 
-    from export.adapter import Adapter
-    from server.checkpoint import Checkpoint, ServerState
+    from lorafleet.export.formats.adapter import Adapter
+    from lorafleet.server.checkpoint import Checkpoint, ServerState
 
 __all__ = ["LoraFleetStrategy", "ReplyBounds", "RoundResult", "TrainSettings", "global_rank_for"]
 
@@ -121,7 +121,8 @@ class LoraFleetStrategy(FedAvg):
         return {}
 
     def round_finished(self, result: RoundResult) -> None:
-        """Called after every round with what happened in it."""
+        """Called after every round with what happened in it, before the round's checkpoint is written (so
+        what a subclass adds to ``self.state`` — e.g. to ``self.state.history[-1]`` — is saved with it)."""
 
     @property
     def sent(self) -> Mapping[int, int]:
@@ -261,9 +262,9 @@ class LoraFleetStrategy(FedAvg):
                                "finite_check": finite_check, "round": done - self._round_started})
         self.state.round, self.state.finished = rnd, rnd >= self.state.rounds
         self.state.history.append(outcome.history_entry())
+        self.round_finished(outcome)  # before the checkpoint: what a subclass records in the state is saved too
         if self.checkpoint is not None:
             self.checkpoint.save(self.state, self.global_adapter)
-        self.round_finished(outcome)
         loss = outcome.loss
         metrics = MetricRecord({"valid-replies": len(accepted), "dropped-replies": len(dropped),
                                 "aggregated": int(aggregated), **({"loss": loss} if loss else {})})

@@ -3,8 +3,8 @@
 A train reply must hold exactly two records — ``arrays`` (the adapter) and ``metrics`` — and nothing else.
 It is checked cheapest first, and nothing is deserialized before its metadata passed:
 
-1. metrics: only the protocol's keys (:data:`export.protocol.TRAIN_REPLY_METRICS`); ``num-examples`` a
-   positive integer (how much it weighs is capped later, :mod:`server.replies`); ``rank`` one of the
+1. metrics: only the protocol's keys (:data:`lorafleet.export.formats.protocol.TRAIN_REPLY_METRICS`); ``num-examples`` a
+   positive integer (how much it weighs is capped later, :mod:`lorafleet.server.replies`); ``rank`` one of the
    package's ranks, equal to the rank the device was sent (HetLoRA may shrink it by self-pruning, never grow
    it); other values finite numbers;
 2. array names: exactly the PEFT keys of every target module at that rank — none missing, none extra;
@@ -16,7 +16,7 @@ It is checked cheapest first, and nothing is deserialized before its metadata pa
 
 A failing reply raises :class:`RejectedUpdate` with a one-line reason; the strategy logs it, counts it in the
 round's metrics and leaves the reply out. Limits come from the package (:meth:`ReplyLimits.from_adapter`).
-How large a valid update may be is :mod:`server.replies`' concern.
+How large a valid update may be is :mod:`lorafleet.server.replies`' concern.
 """
 
 from __future__ import annotations
@@ -26,13 +26,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from export import protocol as P
-from export.errors import AdapterError, ConfigError, LorafleetError
+from lorafleet.export.formats import protocol as P
+from lorafleet.export.formats.errors import AdapterError, ConfigError, LorafleetError
 
 if TYPE_CHECKING:
     from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
-    from export.adapter import Adapter
+    from lorafleet.export.formats.adapter import Adapter
 
 NPY_HEADER_MAX = 4096  # numpy's .npy header (magic, version, dict) is far smaller; a bigger payload is padding
 MAX_INT64 = 2**63 - 1

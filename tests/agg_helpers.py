@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from export.adapter import Adapter, LoraPair, scaling_for
+from lorafleet.export.formats.adapter import Adapter, LoraPair, scaling_for
 
 SHAPES = {"model.layers.0.self_attn.q_proj": (24, 20), "model.layers.0.mlp.down_proj": (18, 28)}
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from edge_client.data import Example
-from export.adapter import Adapter, LoraPair, peft_config
+from lorafleet.edge_client.data import Example
+from lorafleet.export.formats.adapter import Adapter, LoraPair, peft_config
 
 EXAMPLES = [
     Example("Say hello.", "", "Hello!"),

@@ -18,11 +18,11 @@ TINY_PACKAGE = {"model": "random:tiny", "ranks": (2, 4, 8), "target_modules": ("
 def tiny_package(tmp_path_factory):
     """Path of a verified edge package of `random:tiny` (see TINY_PACKAGE), exported once per test session.
 
-    Open it with `export.package.open_package(path)`; do not modify it (copy it first).
+    Open it with `lorafleet.export.formats.package.open_package(path)`; do not modify it (copy it first).
     """
     from filelock import FileLock
 
-    from export.pipeline import ExportConfig, run_export
+    from lorafleet.export.compiler.pipeline import ExportConfig, run_export
 
     root = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs two workers: they share one export

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from export.adapter import Adapter, LoraPair, peft_config, scaling_for
+from lorafleet.export.formats.adapter import Adapter, LoraPair, peft_config, scaling_for
 
 TARGETS = ["q_proj", "v_proj"]
 SEQ_LEN = 12
@@ -18,7 +18,7 @@ def tiny_peft(r: int, *, lora_alpha: float = 8.0, random_b: bool = False, seed: 
     ``random_b`` makes both factors random so the LoRA path changes the logits."""
     from peft import LoraConfig, get_peft_model
 
-    from export.models import load_model
+    from lorafleet.export.compiler.models import load_model
 
     model = load_model("random:tiny", attn_implementation="eager", with_tokenizer=False).model
     torch.manual_seed(seed)
@@ -58,7 +58,7 @@ def random_adapter(peft_model: Any, r: int, lora_alpha: float, seed: int) -> Ada
 
 def load_into_peft(peft_model: Any, adapter: Adapter) -> None:
     """Set ``peft_model``'s factors to ``adapter``'s, expressed at the model's own scaling."""
-    from export.adapter import rescale
+    from lorafleet.export.formats.adapter import rescale
 
     cfg = peft_model.peft_config["default"]
     sd = rescale(adapter, cfg.lora_alpha).state_dict()
@@ -71,7 +71,7 @@ def load_into_peft(peft_model: Any, adapter: Adapter) -> None:
 
 def eager_grads(peft_model: Any, ids: torch.Tensor, labels: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:
     """Eager transformers+PEFT loss (``labels=``) and LoRA gradients by PEFT key."""
-    from export.executorch.wrappers import peft_key
+    from lorafleet.export.formats.adapter import peft_key
 
     peft_model.zero_grad()
     loss = peft_model(input_ids=ids, labels=labels).loss

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from export.adapter import Adapter, LoraPair, peft_config, write_adapter
-from export.manifest import Estimates, ModelSection
-from export.package import PackageSpec, RankRecord, write_package
+from lorafleet.export.formats.adapter import Adapter, LoraPair, peft_config, write_adapter
+from lorafleet.export.formats.manifest import Estimates, ModelSection
+from lorafleet.export.formats.package import PackageSpec, RankRecord, write_package
 
 TINY_SHAPES = {"q_proj": [64, 64], "v_proj": [32, 64]}
 

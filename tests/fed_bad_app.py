@@ -1,9 +1,10 @@
 """A misbehaving device for the deployment tests: a ClientApp that answers the rank query with rank 4 and then
 sends one kind of bad update, chosen by its node config ``fault``.
 
-A device can run any software it likes; the test runs this app in a SuperNode whose PYTHONPATH puts a
-generated ``edge_client/flower_client.py`` (``from fed_bad_app import app``) before the real one, so the
-server's FAB resolves ``edge_client.flower_client:app`` to this module on that node only.
+A device can run any software it likes; the test runs this app in a SuperNode whose PYTHONPATH starts with a
+generated ``sitecustomize.py`` that replaces ``lorafleet.edge_client.flower_client.app`` with this module's
+``app`` in every Python process of that node, so the server's FAB resolves
+``lorafleet.edge_client.flower_client:app`` to this app on that node only.
 """
 
 from __future__ import annotations
@@ -45,10 +46,12 @@ def train(message: Message, context: Context) -> Message:
 
 
 def shadow_package(directory):
-    """Write ``directory/edge_client/flower_client.py`` re-exporting this app; put ``directory`` first on the
-    bad node's PYTHONPATH (with tests/ after it)."""
-    pkg = directory / "edge_client"
-    pkg.mkdir(parents=True, exist_ok=True)
-    (pkg / "__init__.py").write_text('"""A misbehaving device\'s own software (tests only)."""\n')
-    (pkg / "flower_client.py").write_text("from fed_bad_app import app  # noqa: F401\n")
+    """Write ``directory/sitecustomize.py`` swapping lorafleet's ClientApp for this one; put ``directory`` first
+    on the bad node's PYTHONPATH (with tests/ after it)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "sitecustomize.py").write_text(
+        '"""A misbehaving device\'s own software (tests only): lorafleet\'s ClientApp replaced."""\n'
+        "import lorafleet.edge_client.flower_client as _real\n"
+        "from fed_bad_app import app as _bad\n\n"
+        "_real.app = _bad\n")
     return directory

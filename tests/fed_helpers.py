@@ -5,7 +5,7 @@
   handed to an in-process device function. The strategy runs unchanged on it, in milliseconds.
 * device fakes for the validation tests (``reply``), test device profiles whose ranks differ by network
   speed, and process management for the deployment tests (every process started is killed at teardown,
-  with its whole process group). TLS files come from :func:`lorafleet.certs.write_tls`, as a user's do.
+  with its whole process group). TLS files come from :func:`lorafleet.federation.certs.write_tls`, as a user's do.
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ def profile_for_rank(path: Path, package: Path, rank: int, round_timeout: float)
     """A test device whose largest fitting rank is ``rank``: fast compute, and a link so slow that sending
     and receiving the rank-``rank`` adapter takes 60 % of the round budget (the next rank would take 120 %).
     The rank then follows from the budget arithmetic, not from timing noise."""
-    from export.package import open_package
+    from lorafleet.export.formats.package import open_package
 
     params = open_package(package, verify=False).manifest.rank(rank).trainable_parameters
     bits_both_ways = 2 * 4 * params * 8

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from export.adapter import Adapter, LoraPair, peft_config, scaling_for
-from export.models import LoadedModel, load_model
+from lorafleet.export.compiler.models import LoadedModel, load_model
+from lorafleet.export.formats.adapter import Adapter, LoraPair, peft_config, scaling_for
 
 TARGETS = ("q_proj", "v_proj")
 

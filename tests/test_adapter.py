@@ -7,7 +7,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from export.adapter import (
+from lorafleet.export.compiler.models import load_model
+from lorafleet.export.formats.adapter import (
     Adapter,
     LoraPair,
     read_adapter,
@@ -16,8 +17,7 @@ from export.adapter import (
     truncate,
     write_adapter,
 )
-from export.errors import AdapterError
-from export.models import load_model
+from lorafleet.export.formats.errors import AdapterError
 
 IDS = torch.tensor([[5, 17, 42, 99, 3, 200, 7, 1]])
 

@@ -11,10 +11,10 @@ import pytest
 import torch
 from agg_helpers import make_adapter, tree_digest, write_raw
 
-from export.adapter import PEFT_DEFAULT_ALPHA, read_adapter, write_adapter
-from export.atomic import atomic_dir
-from export.errors import AdapterError, LorafleetError
 from lorafleet.cli import main
+from lorafleet.export.formats.adapter import PEFT_DEFAULT_ALPHA, read_adapter, write_adapter
+from lorafleet.export.formats.atomic import atomic_dir
+from lorafleet.export.formats.errors import AdapterError, LorafleetError
 
 Q = "model.layers.0.self_attn.q_proj"
 V = "model.layers.0.self_attn.v_proj"
@@ -140,7 +140,7 @@ def test_each_client_file_is_opened_once(tmp_path, monkeypatch):
     """Aggregation cost must not grow with modules × modules: one open (and header parse) per client."""
     import safetensors
 
-    from server.aggregation import aggregate_dirs
+    from lorafleet.server.aggregation import aggregate_dirs
 
     shapes = {f"model.layers.{i}.self_attn.q_proj": (8, 8) for i in range(40)}
     dirs = [write_adapter(make_adapter(2, seed=i, shapes=shapes), tmp_path / f"c{i}") for i in range(3)]
@@ -173,7 +173,7 @@ def test_an_output_that_appears_while_writing_is_left_alone(tmp_path):
 
 
 def test_a_profile_with_absurd_figures_is_one_line(tmp_path, capsys):
-    from edge_client.profiles import PROFILES_DIR
+    from lorafleet.edge_client.profiles import PROFILES_DIR
 
     text = (PROFILES_DIR / "pixel-8.toml").read_text()
     import re

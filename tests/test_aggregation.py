@@ -17,11 +17,11 @@ from agg_helpers import (
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from export.adapter import read_adapter, write_adapter
-from server.aggregation import METHODS, aggregate, distribute
-from server.aggregation.common import AggregationMethod
-from server.aggregation.hetlora import delta_norm
-from server.aggregation.lowrank import truncated_svd_of_sum
+from lorafleet.export.formats.adapter import read_adapter, write_adapter
+from lorafleet.server.aggregation import METHODS, aggregate, distribute
+from lorafleet.server.aggregation.common import AggregationMethod
+from lorafleet.server.aggregation.hetlora import delta_norm
+from lorafleet.server.aggregation.lowrank import truncated_svd_of_sum
 
 Q, DOWN = "model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj"
 

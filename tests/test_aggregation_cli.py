@@ -8,9 +8,9 @@ import pytest
 import torch
 from agg_helpers import deltas, make_adapter, max_rel_err, rel_err, tree_digest, write_raw
 
-from export.adapter import read_adapter, write_adapter
 from lorafleet.cli import main
-from server.aggregation import aggregate, aggregate_dirs
+from lorafleet.export.formats.adapter import read_adapter, write_adapter
+from lorafleet.server.aggregation import aggregate, aggregate_dirs
 
 Q = "model.layers.0.self_attn.q_proj"
 
@@ -185,7 +185,7 @@ def test_distribute_bad_rank(tmp_path, capsys, clients, rank, match):
 
 
 def test_streaming_reads_each_module_once_after_checking_every_header(tmp_path, clients, monkeypatch):
-    from server.aggregation.streaming import LazyAdapter
+    from lorafleet.server.aggregation.streaming import LazyAdapter
 
     reads = []
     original = LazyAdapter.pair

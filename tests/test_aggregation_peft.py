@@ -5,9 +5,9 @@ import pytest
 import torch
 from agg_helpers import rel_err
 
-from export.adapter import read_adapter
-from export.models import load_model
 from lorafleet.cli import main
+from lorafleet.export.compiler.models import load_model
+from lorafleet.export.formats.adapter import read_adapter
 
 pytestmark = pytest.mark.slow
 CLIENTS = [{"r": 2, "lora_alpha": 16}, {"r": 8, "lora_alpha": 8}, {"r": 4, "lora_alpha": 4, "use_rslora": True}]

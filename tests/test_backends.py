@@ -8,12 +8,12 @@ import pytest
 import torch
 from client_helpers import EXAMPLES, nonzero_adapter
 
-from edge_client.backends import BACKENDS, AdamW, OptimizerConfig, make_backend
-from edge_client.data import batches, encode_all
-from edge_client.tokenizer import load_tokenizer
-from export.adapter import rescale
-from export.errors import AdapterError, ConfigError
-from export.package import open_package
+from lorafleet.edge_client.backends import BACKENDS, AdamW, OptimizerConfig, make_backend
+from lorafleet.edge_client.data import batches, encode_all
+from lorafleet.edge_client.tokenizer import load_tokenizer
+from lorafleet.export.formats.adapter import rescale
+from lorafleet.export.formats.errors import AdapterError, ConfigError
+from lorafleet.export.formats.package import open_package
 
 RANK = 4
 STEPS = 6

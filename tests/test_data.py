@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from edge_client.data import (
+from lorafleet.edge_client.data import (
     IGNORE_INDEX,
     Example,
     batches,
@@ -16,8 +16,8 @@ from edge_client.data import (
     prompt_text,
     read_jsonl,
 )
-from export.errors import ConfigError, DataError
-from export.tokenizer import byte_tokenizer
+from lorafleet.export.compiler.tokenizer import byte_tokenizer
+from lorafleet.export.formats.errors import ConfigError, DataError
 
 
 @pytest.fixture(scope="module")
@@ -134,8 +134,8 @@ def test_batches_are_seeded_full_and_cover_every_example(tok):
 
 
 def test_tokenizer_for_a_model_spec(tmp_path, monkeypatch):
-    from edge_client.tokenizer import load_tokenizer
-    from export.errors import ModelSpecError
+    from lorafleet.edge_client.tokenizer import load_tokenizer
+    from lorafleet.export.formats.errors import ModelSpecError
 
     assert load_tokenizer("random:tiny").chat_template
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

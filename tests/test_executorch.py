@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from export.errors import AdapterError, ConfigError, ExportError, PackageError
+from lorafleet.export.formats.errors import AdapterError, ConfigError, ExportError, PackageError
 from tests.et_helpers import BATCH, SEQ_LEN, batch, eager_grads, load_into_peft, random_adapter, tiny_peft
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -29,7 +29,7 @@ class Built:
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[int, Built], Path, Any]:
-    from export.executorch import FoundationStore, TrainingLowering, lower_inference, lower_training
+    from lorafleet.export.compiler.executorch import FoundationStore, TrainingLowering, lower_inference, lower_training
 
     out = tmp_path_factory.mktemp("et")
     store = FoundationStore()
@@ -54,7 +54,7 @@ def frozen_bytes(peft_model: Any) -> int:
 def test_inference_logits_match_eager(built, r):
     from executorch.runtime import Runtime
 
-    from export.executorch import load_inference
+    from lorafleet.export.compiler.executorch import load_inference
 
     made, foundation, _ = built
     ids, _ = batch((1, SEQ_LEN))
@@ -70,7 +70,7 @@ def test_inference_logits_match_eager(built, r):
 
 
 def test_inference_set_adapter_without_reexport(built):
-    from export.executorch import load_inference
+    from lorafleet.export.compiler.executorch import load_inference
 
     made, foundation, _ = built
     program = load_inference(made[4].inference_pte, foundation)
@@ -92,7 +92,7 @@ def test_inference_set_adapter_without_reexport(built):
 
 @pytest.mark.parametrize("r", RANKS)
 def test_training_step_matches_eager(built, r):
-    from export.executorch import load_training
+    from lorafleet.export.compiler.executorch import load_training
 
     made, foundation, _ = built
     program = load_training(made[r].training_pte, foundation)
@@ -117,7 +117,7 @@ def test_training_program_trains_only_lora(built):
 
 
 def test_training_read_back_round_trip(built):
-    from export.executorch import load_training
+    from lorafleet.export.compiler.executorch import load_training
 
     made, foundation, _ = built
     program = load_training(made[2].training_pte, foundation)
@@ -129,8 +129,11 @@ def test_training_read_back_round_trip(built):
         assert torch.equal(back.state_dict()[key], t), key  # same alpha: bit-exact, each factor its own memory
 
 
-def test_host_adamw_is_torch_adamw_on_program_memory(built):
-    from export.executorch import AdamWConfig, HostAdamW, load_training
+def test_device_adamw_steps_program_memory(built):
+    """The device's AdamW (what ExecutorchBackend runs) over the program's aliased parameters: bit-exact with
+    the same optimizer on copies fed the same gradients, and the program's loss follows eager PEFT's."""
+    from lorafleet.edge_client.backends.base import AdamW, OptimizerConfig
+    from lorafleet.export.compiler.executorch import load_training
 
     made, foundation, _ = built
     program = load_training(made[4].training_pte, foundation)
@@ -138,32 +141,35 @@ def test_host_adamw_is_torch_adamw_on_program_memory(built):
     adapter = random_adapter(eager, 4, lora_alpha=8.0, seed=13)
     program.set_adapter(adapter)
     load_into_peft(eager, adapter)
-    config = AdamWConfig(lr=1e-2, weight_decay=0.1)
-    opt = HostAdamW(program, config)
-    # the oracle: torch's AdamW on copies, fed the same gradients (bit-exact), and on eager PEFT (close)
-    copies = {k: torch.nn.Parameter(t.clone()) for k, t in program.get_state().items()}
-    ref_opt = torch.optim.AdamW(list(copies.values()), lr=config.lr, betas=config.betas, eps=config.eps,
-                                weight_decay=config.weight_decay)
-    eager_opt = torch.optim.AdamW([p for p in eager.parameters() if p.requires_grad], lr=config.lr,
-                                  betas=config.betas, eps=config.eps, weight_decay=config.weight_decay)
+    config = OptimizerConfig(lr=1e-2, weight_decay=0.1)
+    params = program.parameters()
+    keys = sorted(params)
+    opt = AdamW([params[k] for k in keys], config)
+    # the oracles: the same AdamW on copies, fed the same gradients (bit-exact), and on eager PEFT (close)
+    copies = {k: t.detach().clone() for k, t in program.get_state().items()}
+    ref_opt = AdamW([copies[k] for k in keys], config)
+    from lorafleet.export.formats.adapter import peft_key
+
+    named = {peft_key(n): p for n, p in eager.named_parameters() if p.requires_grad}
+    eager_keys = [k for k in keys if k in named]
+    assert len(eager_keys) == len(keys) == len(named)
+    eager_opt = AdamW([named[k] for k in eager_keys], config)
     losses = []
     for seed in (21, 22, 23):
         ids, labels = batch((BATCH, SEQ_LEN), seed=seed)
         step = program.step(ids, labels)
-        opt.step(step.gradients)
-        for k, p in copies.items():
-            p.grad = step.gradients[k].clone()
-        ref_opt.step()
-        eager_opt.zero_grad()
+        opt.step([step.gradients[k] for k in keys])
+        ref_opt.step([step.gradients[k].clone() for k in keys])
+        eager.zero_grad()
         ref = eager(input_ids=ids, labels=labels).loss
         ref.backward()
-        eager_opt.step()
+        eager_opt.step([named[k].grad for k in eager_keys])
         losses.append(step.loss)
         assert step.loss == pytest.approx(float(ref), abs=1e-4)  # the updates reached the program's memory
     assert losses[-1] < losses[0]
     state = program.get_state()
     for key, p in copies.items():
-        assert torch.equal(state[key], p.detach()), key
+        assert torch.equal(state[key], p), key
 
 
 # --- one foundation file --------------------------------------------------------------------------------
@@ -180,7 +186,7 @@ def test_one_foundation_for_every_rank_and_kind(built):
 
 
 def test_foundation_from_files_equals_foundation_from_blobs(built, tmp_path):
-    from export.executorch import FoundationStore
+    from lorafleet.export.compiler.executorch import FoundationStore
 
     made, foundation, _ = built
     store = FoundationStore()
@@ -204,7 +210,7 @@ def test_foundation_from_files_equals_foundation_from_blobs(built, tmp_path):
 def test_run_forked_returns_memory_and_reports_errors(tmp_path):
     import os
 
-    from export.forked import run_forked
+    from lorafleet.export.compiler.forked import run_forked
 
     out = tmp_path / "pid"
     run_forked(lambda: out.write_text(str(os.getpid())), "writing a file")
@@ -225,7 +231,7 @@ def test_foundation_rejects_another_model(built):
     from executorch.exir._serialize._cord import Cord
     from executorch.extension.flat_tensor.serialize.serialize import FlatTensorSerializer
 
-    from export.executorch import FoundationStore
+    from lorafleet.export.compiler.executorch import FoundationStore
 
     made, _, _ = built
     blob = made[2].training.foundation
@@ -242,7 +248,7 @@ def test_foundation_rejects_another_model(built):
 # --- errors ---------------------------------------------------------------------------------------------
 
 def test_adapter_of_another_rank_is_refused(built):
-    from export.executorch import load_inference, load_training
+    from lorafleet.export.compiler.executorch import load_inference, load_training
 
     made, foundation, _ = built
     wrong = random_adapter(tiny_peft(2), 2, lora_alpha=8.0, seed=1)
@@ -258,7 +264,7 @@ def test_adapter_of_another_rank_is_refused(built):
 
 
 def test_wrong_input_shape_and_missing_files(built, tmp_path):
-    from export.executorch import load_inference, load_training
+    from lorafleet.export.compiler.executorch import load_inference, load_training
 
     made, foundation, _ = built
     program = load_inference(made[2].inference_pte, foundation)
@@ -274,7 +280,7 @@ def test_wrong_input_shape_and_missing_files(built, tmp_path):
 
 
 def test_lowering_validates_its_input():
-    from export.executorch import lower_inference, lower_training
+    from lorafleet.export.compiler.executorch import lower_inference, lower_training
 
     model = tiny_peft(2)
     with pytest.raises(ExportError, match="seq_len must be a positive integer, got 0"):
@@ -284,22 +290,21 @@ def test_lowering_validates_its_input():
     model.base_model.model.lm_head.weight.requires_grad_(True)
     with pytest.raises(ExportError, match="only LoRA factors may be trainable"):
         lower_training(model, 1, 4)
-    from export.models import load_model
+    from lorafleet.export.compiler.models import load_model
 
     with pytest.raises(ExportError, match="no LoRA parameters"):
         lower_inference(load_model("random:tiny", with_tokenizer=False).model, 4)
 
 
 def test_config_validation():
-    from export.executorch import AdamWConfig, LoraSpec, TrainingLowering
+    from lorafleet.export.compiler.executorch import TrainingLowering
+    from lorafleet.export.formats.program import CompiledLora, LoraSpec
 
-    with pytest.raises(ConfigError, match="lr must be positive, got 0"):
-        AdamWConfig(lr=0)
-    with pytest.raises(ConfigError, match="betas"):
-        AdamWConfig(betas=(0.9, 1.0))
     with pytest.raises(ExportError, match="backend must be one of"):
         TrainingLowering("cuda")  # type: ignore[arg-type]
-    with pytest.raises(ExportError, match="r must be positive, got 0"):
-        LoraSpec(("x.lora_A.default.weight",), 0, 8.0, False, ("q_proj",))
+    with pytest.raises(ConfigError, match="r must be a positive integer, got 0"):
+        LoraSpec(0, ("q_proj",), 8.0)
+    with pytest.raises(ConfigError, match="no LoRA parameter names"):
+        CompiledLora((), LoraSpec(4, ("q_proj",), 8.0))
     with pytest.raises(PackageError, match="unreadable LoRA spec"):
-        LoraSpec.from_json("{}")
+        CompiledLora.from_json("{}")

@@ -1,5 +1,5 @@
-"""The graph rewrites of export.executorch.passes: each changes the graph as its docstring says and leaves
-what the program computes unchanged."""
+"""The graph rewrites of lorafleet.export.compiler.executorch.passes: each changes the graph as its docstring says and
+leaves what the program computes unchanged."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.export import export
 
-from export.executorch.passes import cancel_transpose_pairs, mm_to_linear, replace_empty_permuted
+from lorafleet.export.compiler.executorch.passes import cancel_transpose_pairs, mm_to_linear, replace_empty_permuted
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -82,7 +82,7 @@ def test_unshare_constants_gives_each_user_its_own_placeholder():
             y = torch.nn.functional.linear(x, self.w)  # (N, 4)
             return y @ self.w + (x @ self.pinned) @ self.pinned  # w and pinned each read twice
 
-    from export.executorch.passes import unshare_constants
+    from lorafleet.export.compiler.executorch.passes import unshare_constants
 
     torch.manual_seed(0)
     m, x = Shared(), torch.randn(3, 6)
@@ -107,7 +107,7 @@ def test_drop_identity_ops_removes_copies_that_change_nothing():
             s = x.permute(0, 2, 1)                    # a real transpose: kept
             return p1 * g + p2 + e + wide + t, torch.ops.aten.alias.default(s)  # an output alias is kept
 
-    from export.executorch.passes import drop_identity_ops
+    from lorafleet.export.compiler.executorch.passes import drop_identity_ops
 
     torch.manual_seed(0)
     x, g = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
@@ -125,7 +125,7 @@ def test_drop_identity_ops_removes_copies_that_change_nothing():
 
 
 def test_sort_in_place_orders_a_graph_without_rebuilding_it():
-    from export.executorch.partition import sort_in_place
+    from lorafleet.export.compiler.executorch.partition import sort_in_place
 
     class Chain(nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -152,7 +152,7 @@ def test_sort_in_place_orders_a_graph_without_rebuilding_it():
 
 
 def test_contiguous_partitions_are_maximal_runs_and_never_split_a_group():
-    from export.executorch.partition import contiguous_partitions
+    from lorafleet.export.compiler.executorch.partition import contiguous_partitions
 
     class Mixed(nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -2,8 +2,8 @@
 
 import pytest
 
-from export.package import open_package
 from lorafleet.cli import main
+from lorafleet.export.formats.package import open_package
 
 
 def _run(capsys, *args):

@@ -3,10 +3,11 @@
 import pytest
 import torch
 
-from export.lora import LoraSpec, attach_lora, load_lora
-from export.loss import CausalLMLoss, example_batch
-from export.models import load_model
-from export.package import open_package
+from lorafleet.export.compiler.lora import attach_lora, load_lora
+from lorafleet.export.compiler.loss import CausalLMLoss, example_batch
+from lorafleet.export.compiler.models import load_model
+from lorafleet.export.formats.package import open_package
+from lorafleet.export.formats.program import LoraSpec
 from tests.export_helpers import random_adapter
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -82,7 +83,7 @@ def test_training_program_trains_exactly_the_lora_tensors(tiny_package):
 
 
 def test_new_weights_without_reexport_and_read_back(tiny_package):
-    from export.executorch import load_inference, load_training
+    from lorafleet.export.compiler.executorch import load_inference, load_training
 
     pkg = open_package(tiny_package)
     ids, labels = _batch(pkg, seed=5)

@@ -5,12 +5,21 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from export.architectures import ARCHITECTURES, module_shapes
-from export.errors import AdapterError, ConfigError
-from export.estimates import estimate, flops_per_step, lora_parameters, training_memory
-from export.lora import LoraSpec, attach_lora, check_ranks, conform, detach_lora, load_lora, read_lora, target_shapes
-from export.manifest import ModelSection
-from export.models import load_model
+from lorafleet.export.compiler.architectures import ARCHITECTURES, module_shapes
+from lorafleet.export.compiler.estimates import estimate, flops_per_step, lora_parameters, training_memory
+from lorafleet.export.compiler.lora import (
+    attach_lora,
+    check_ranks,
+    conform,
+    detach_lora,
+    load_lora,
+    read_lora,
+    target_shapes,
+)
+from lorafleet.export.compiler.models import load_model
+from lorafleet.export.formats.errors import AdapterError, ConfigError
+from lorafleet.export.formats.manifest import ModelSection
+from lorafleet.export.formats.program import LoraSpec
 from tests.export_helpers import random_adapter
 
 IDS = torch.tensor([[5, 17, 42, 99, 3, 200, 7, 1]])
@@ -98,7 +107,7 @@ def test_lora_parameters_match_peft_and_published_counts():
     peft = get_peft_model(model, LoraConfig(r=8, target_modules=ALL_LINEAR))
     counted = sum(p.numel() for p in peft.parameters() if p.requires_grad)
     assert lora_parameters(_section("tiny"), ALL_LINEAR, 8) == counted
-    # the usual PEFT printouts quoted in DEVICES.md §3c (all-linear, r = 16)
+    # the usual PEFT printouts quoted in docs/device-sources.md §3c (all-linear, r = 16)
     assert lora_parameters(_section("llama-3.2-1b"), ALL_LINEAR, 16) == 11_272_192
     assert lora_parameters(_section("qwen2.5-0.5b"), ALL_LINEAR, 16) == 8_798_208
 
@@ -108,15 +117,14 @@ def test_flops_agree_with_torch_flop_counter():
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from export.loss import CausalLMLoss, example_batch
-    from export.models import describe
-    from export.pipeline import model_section
+    from lorafleet.export.compiler.loss import CausalLMLoss, example_batch
+    from lorafleet.export.compiler.models import describe
 
     cfg = LlamaConfig(hidden_size=192, intermediate_size=512, num_hidden_layers=12, num_attention_heads=6,
                       num_key_value_heads=2, vocab_size=2048, attn_implementation="eager")
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg)
-    section = model_section(describe(model, "config"))
+    section = describe(model, "config")
     peft = attach_lora(model, LoraSpec(8, ("q_proj", "v_proj"), 16.0))
     batch = example_batch(section.vocab_size, 2, 48)
     with FlopCounterMode(display=False) as counter:
@@ -136,5 +144,5 @@ def test_memory_grows_with_rank_and_tokens(r, s, b):
     assert sum(training_memory(sec, ["q_proj", "v_proj"], r, s + 1, b).values()) > sum(base.values())
     est = estimate(sec, ["q_proj", "v_proj"], r, s, b)
     assert est.training_peak_memory_bytes == sum(base.values())
-    # 16 bytes per LoRA parameter: adapter, gradient, two AdamW moments (DEVICES.md §3b)
+    # 16 bytes per LoRA parameter: adapter, gradient, two AdamW moments (docs/device-sources.md §3b)
     assert base["lora"] == 16 * lora_parameters(sec, ["q_proj", "v_proj"], r)

@@ -8,13 +8,14 @@ import onnx
 import pytest
 import torch
 
-from export.adapter import read_adapter, write_adapter
-from export.errors import AdapterError, ConfigError, PackageError
-from export.lora import LoraSpec, attach_lora, load_lora, lora_modules
-from export.loss import CausalLMLoss, example_batch
-from export.models import load_model
-from export.onnx_training import ADAMW, OnnxTrainer
-from export.package import open_package
+from lorafleet.export.compiler.lora import attach_lora, load_lora, lora_modules
+from lorafleet.export.compiler.loss import CausalLMLoss, example_batch
+from lorafleet.export.compiler.models import load_model
+from lorafleet.export.formats.adapter import read_adapter, write_adapter
+from lorafleet.export.formats.errors import AdapterError, ConfigError, PackageError
+from lorafleet.export.formats.package import open_package
+from lorafleet.export.formats.program import LoraSpec
+from lorafleet.export.runtime.onnx import ADAMW, OnnxTrainer
 from tests.export_helpers import random_adapter
 
 

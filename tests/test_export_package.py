@@ -8,9 +8,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from export.errors import LorafleetError, PackageError
-from export.manifest import FORMAT_VERSION, MANIFEST_FILE, manifest_from_dict, manifest_from_json
-from export.package import open_package, write_package
+from lorafleet.export.formats.errors import LorafleetError, PackageError
+from lorafleet.export.formats.manifest import FORMAT_VERSION, MANIFEST_FILE, manifest_from_dict, manifest_from_json
+from lorafleet.export.formats.package import open_package, write_package
 from tests.export_helpers import fake_package, random_adapter
 
 

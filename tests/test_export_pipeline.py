@@ -4,10 +4,10 @@ failed verification writes no package; the manifest describes what was built."""
 import pytest
 import torch
 
-from export.adapter import write_adapter
-from export.errors import AdapterError, ConfigError, ExportError, LorafleetError, PackageError
-from export.package import open_package
-from export.pipeline import ExportConfig, run_export
+from lorafleet.export.compiler.pipeline import ExportConfig, run_export
+from lorafleet.export.formats.adapter import write_adapter
+from lorafleet.export.formats.errors import AdapterError, ConfigError, ExportError, LorafleetError, PackageError
+from lorafleet.export.formats.package import open_package
 from tests.export_helpers import random_adapter
 
 BASE = {"model": "random:tiny", "target_modules": ("q_proj", "v_proj"), "seq_len": 8, "runtimes": ("onnx",)}
@@ -73,9 +73,9 @@ def test_adapter_errors(tmp_path):
 
 
 def test_failed_verification_writes_nothing(tmp_path, monkeypatch):
-    import export.verify
+    import lorafleet.export.compiler.verify
 
-    monkeypatch.setitem(export.verify.TOLERANCES, "grad_rel_max_abs_diff", -1.0)
+    monkeypatch.setitem(lorafleet.export.compiler.verify.TOLERANCES, "grad_rel_max_abs_diff", -1.0)
     with pytest.raises(ExportError, match="verification failed: rank 2 onnx_training grad_rel_max_abs_diff"):
         run_export(_cfg(tmp_path))
     assert list(tmp_path.iterdir()) == []
@@ -104,7 +104,7 @@ def test_adapter_initializes_every_rank_truncated(tmp_path):
 def test_manifest_describes_the_model_and_ranks(tiny_package):
     from peft import LoraConfig, get_peft_model
 
-    from export.models import load_model
+    from lorafleet.export.compiler.models import load_model
 
     m = open_package(tiny_package).manifest
     assert (m.model.spec, m.model.architecture, m.model.num_layers, m.model.hidden_size) == \

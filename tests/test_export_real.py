@@ -4,12 +4,13 @@ program against eager transformers + PEFT, recomputed here independently of expo
 import pytest
 import torch
 
-from export.lora import LoraSpec, attach_lora, detach_lora
-from export.loss import CausalLMLoss
-from export.models import load_model
-from export.package import open_package
-from export.pipeline import ExportConfig, run_export
-from export.verify import probe_adapter
+from lorafleet.export.compiler.lora import attach_lora, detach_lora
+from lorafleet.export.compiler.loss import CausalLMLoss
+from lorafleet.export.compiler.models import load_model
+from lorafleet.export.compiler.pipeline import ExportConfig, run_export
+from lorafleet.export.compiler.verify import probe_adapter
+from lorafleet.export.formats.package import open_package
+from lorafleet.export.formats.program import LoraSpec
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore")]
 
@@ -27,8 +28,8 @@ def test_real_model_programs_match_eager(real_package):
 
 
 def check_against_eager(pkg):
-    from export.executorch import load_inference, load_training
-    from export.onnx_training import OnnxTrainer
+    from lorafleet.export.compiler.executorch import load_inference, load_training
+    from lorafleet.export.runtime.onnx import OnnxTrainer
 
     m = pkg.manifest
     assert m.verification["passed"] and m.model.num_parameters == 134_515_008

@@ -12,8 +12,8 @@ import re
 
 import pytest
 
-from export.package import open_package
-from export.pipeline import ExportConfig, run_export
+from lorafleet.export.compiler.pipeline import ExportConfig, run_export
+from lorafleet.export.formats.package import open_package
 
 pytestmark = pytest.mark.slow
 
@@ -29,8 +29,8 @@ def expected(targets: tuple[str, ...]) -> set[str]:
 
 def trained_modules(pkg_path, rank: int) -> dict[str, set[str]]:
     """Each artifact's trainable LoRA modules, read from the artifact."""
-    from export.executorch import load_training
-    from export.onnx_training import OnnxTrainer
+    from lorafleet.export.compiler.executorch import load_training
+    from lorafleet.export.runtime.onnx import OnnxTrainer
 
     pkg = open_package(pkg_path)
     onnx = OnnxTrainer.from_package(pkg, rank)

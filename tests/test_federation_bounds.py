@@ -17,14 +17,14 @@ from fed_helpers import LoopbackGrid, received_arrays, reply
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge_client.backends.base import AdamW, OptimizerConfig
-from export import protocol as P
-from export.adapter import Adapter, LoraPair, read_adapter
-from server import bounds as B
-from server.aggregation import aggregate
-from server.checkpoint import Checkpoint, CheckpointError, ServerState
-from server.replies import ReplyBounds
-from server.server_app import ServerConfig, run_server
+from lorafleet.edge_client.backends.base import AdamW, OptimizerConfig
+from lorafleet.export.formats import protocol as P
+from lorafleet.export.formats.adapter import Adapter, LoraPair, read_adapter
+from lorafleet.server import bounds as B
+from lorafleet.server.aggregation import aggregate
+from lorafleet.server.checkpoint import Checkpoint, CheckpointError, ServerState
+from lorafleet.server.replies import ReplyBounds
+from lorafleet.server.server_app import ServerConfig, run_server
 
 RANKS = (2, 4, 8)
 ALPHA = 16.0
@@ -210,7 +210,7 @@ def test_the_checkpoint_never_saves_a_non_finite_adapter(tmp_path):
 
 
 def test_reply_bounds_reject_bad_settings():
-    from export.errors import ConfigError
+    from lorafleet.export.formats.errors import ConfigError
 
     for kwargs, match in (({"max_update_norm": -1.0}, "max_update_norm"), ({"max_examples": 0}, "max_examples"),
                           ({"clip_updates": 0.5}, "clip_updates"), ({"max_update_norm": float("nan")}, "max_update")):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from export_helpers import random_adapter
 
-from server.checkpoint import Checkpoint, CheckpointError, ServerState
+from lorafleet.server.checkpoint import Checkpoint, CheckpointError, ServerState
 
 
 def same(a, b) -> bool:
@@ -91,7 +91,7 @@ def test_nothing_to_resume(tmp_path):
 
 
 def _written(tmp_path, seed):
-    from export.adapter import write_adapter
+    from lorafleet.export.formats.adapter import write_adapter
 
     out = tmp_path / f"adapter-{seed}"
     if not out.exists():

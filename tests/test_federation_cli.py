@@ -9,7 +9,7 @@ from fed_helpers import write_data
 
 from lorafleet.cli import main
 from lorafleet.federation import Tls, parse_address
-from server.checkpoint import Checkpoint, ServerState
+from lorafleet.server.checkpoint import Checkpoint, ServerState
 
 
 @pytest.fixture(scope="module")

@@ -11,11 +11,11 @@ import torch
 from fed_helpers import LoopbackGrid, write_data
 from flwr.app import Context, RecordDict
 
-from edge_client.flower_client import NodeSettings, handle_query, handle_train, node_rank
-from export import protocol as P
-from export.adapter import read_adapter
-from export.errors import ConfigError, PackageError
-from server.server_app import ServerConfig, run_server
+from lorafleet.edge_client.flower_client import NodeSettings, handle_query, handle_train, node_rank
+from lorafleet.export.formats import protocol as P
+from lorafleet.export.formats.adapter import read_adapter
+from lorafleet.export.formats.errors import ConfigError, PackageError
+from lorafleet.server.server_app import ServerConfig, run_server
 
 
 def device(settings: NodeSettings, node_id: int):
@@ -73,9 +73,9 @@ def test_the_rank_is_decided_once_per_run(tiny_package, tmp_path):
     profile = tmp_path / "dev.toml"
     profile.write_text("not read: the decision is cached")
     settings = NodeSettings(package=str(tiny_package), data="/d", profile=str(profile), cache_dir=str(cache))
-    from edge_client.flower_client import _decision_cache, resolve_backend
-    from edge_client.rank_choice import Budgets
-    from export.package import open_package
+    from lorafleet.edge_client.flower_client import _decision_cache, resolve_backend
+    from lorafleet.edge_client.rank_choice import Budgets
+    from lorafleet.export.formats.package import open_package
 
     pkg = open_package(tiny_package, verify=False)
     path = _decision_cache(settings, pkg, resolve_backend(NodeSettings(package=str(tiny_package), data="/d",

@@ -40,10 +40,10 @@ from fed_helpers import (
     write_data,
 )
 
-from export.adapter import read_adapter
-from export.package import open_package
-from lorafleet.certs import write_node_key, write_tls
+from lorafleet.export.formats.adapter import read_adapter
+from lorafleet.export.formats.package import open_package
 from lorafleet.federation import APP_DIR, free_port
+from lorafleet.federation.certs import write_node_key, write_tls
 
 pytestmark = pytest.mark.slow
 

@@ -16,11 +16,11 @@ from export_helpers import fake_package
 from fed_helpers import LoopbackGrid, received_arrays, reply
 from flwr.app import Error, Message
 
-from export import protocol as P
-from export.adapter import read_adapter, rescale, truncate
-from server.aggregation import aggregate
-from server.checkpoint import Checkpoint
-from server.server_app import ServerConfig, build_strategy, run_server
+from lorafleet.export.formats import protocol as P
+from lorafleet.export.formats.adapter import read_adapter, rescale, truncate
+from lorafleet.server.aggregation import aggregate
+from lorafleet.server.checkpoint import Checkpoint
+from lorafleet.server.server_app import ServerConfig, build_strategy, run_server
 
 RANKS = (2, 4, 8)
 
@@ -201,7 +201,7 @@ def test_a_finished_run_resumes_to_nothing(package, tmp_path):
 
 
 def test_a_new_run_never_overwrites_a_saved_one(package, tmp_path):
-    from server.checkpoint import CheckpointError
+    from lorafleet.server.checkpoint import CheckpointError
 
     run(package, tmp_path, {1: Device(2, 1), 2: Device(4, 2)}, rounds=1)
     with pytest.raises(CheckpointError, match="pass --resume"):
@@ -215,7 +215,7 @@ def test_run_config_parsing():
                                         "self-prune": False})
     assert (cfg.round_timeout, cfg.self_prune) == (5.0, False)
     assert ServerConfig.from_run_config(cfg.to_run_config()) == cfg
-    from export.errors import ConfigError
+    from lorafleet.export.formats.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"unknown run-config keys \['rank'\]"):
         ServerConfig.from_run_config({"package": "/p", "method": "hetlora", "rounds": 3, "rank": 4})
@@ -243,8 +243,8 @@ def test_checkpoint_is_written_after_every_round(package, tmp_path):
 
 
 def test_resume_with_nothing_saved_refuses_instead_of_starting_over(package, tmp_path):
-    from server.checkpoint import CheckpointError
-    from server.server_app import preflight
+    from lorafleet.server.checkpoint import CheckpointError
+    from lorafleet.server.server_app import preflight
 
     cfg = config(package, tmp_path, rounds=2, resume=True)
     with pytest.raises(CheckpointError, match="nothing to resume"):

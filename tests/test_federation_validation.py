@@ -12,9 +12,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from export import protocol as P
-from export.adapter import rescale
-from server.validation import RejectedUpdate, ReplyLimits, validate_query_reply, validate_train_reply
+from lorafleet.export.formats import protocol as P
+from lorafleet.export.formats.adapter import rescale
+from lorafleet.server.validation import RejectedUpdate, ReplyLimits, validate_query_reply, validate_train_reply
 
 RANKS = (2, 4, 8)
 ALPHA = 16.0

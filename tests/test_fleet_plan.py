@@ -6,12 +6,12 @@ import math
 
 import pytest
 
-from edge_client.device import DeviceReport, emulate
-from edge_client.profiler import ProfileResult
-from edge_client.rank_choice import Budgets, RankDecision, RankPrediction, choose_rank
-from export.errors import ConfigError
-from lorafleet.fleet_config import FleetConfig, parse_mix
-from lorafleet.fleet_plan import HostProfile, load_mix, plan_fleet
+from lorafleet.edge_client.device import DeviceReport, emulate
+from lorafleet.edge_client.profiler import ProfileResult
+from lorafleet.edge_client.rank_choice import Budgets, RankDecision, RankPrediction, choose_rank
+from lorafleet.export.formats.errors import ConfigError
+from lorafleet.fleet.config import FleetConfig, parse_mix
+from lorafleet.fleet.plan import HostProfile, load_mix, plan_fleet
 from tests.fleet_helpers import write_profile
 
 HOST_GFLOPS = 50.0
@@ -67,6 +67,70 @@ def test_the_mix_chooses_and_weighs_profiles(profiles_dir):
         load_mix(profiles_dir, {"nope": 1.0})
     with pytest.raises(ConfigError, match="no device profiles"):
         load_mix(profiles_dir / "missing", None)
+
+
+def _package(flops_per_rank: int = 10**9, peak: int = 400 << 20):
+    """A package as the plan reads it: per-rank FLOPs, estimated peak and trainable parameters."""
+    from types import SimpleNamespace
+
+    ranks = (4, 8, 16)
+    est = {r: SimpleNamespace(flops_per_step=flops_per_rank * (1 + r / 64), training_peak_memory_bytes=peak + r)
+           for r in ranks}
+    return SimpleNamespace(ranks=ranks, manifest=SimpleNamespace(
+        rank=lambda r: SimpleNamespace(estimates=est[r], trainable_parameters=1000 * r)))
+
+
+def test_flops_emulation_needs_no_host_and_times_steps_from_flops(profiles_dir):
+    """The plan from the package alone: each profile's step time is FLOPs / (GFLOP/s × efficiency), so the
+    same fleet plans the same on any host at any load."""
+    from lorafleet.fleet.emulation import TRAINING_EFFICIENCY
+    from lorafleet.fleet.plan import flops_predictions
+
+    pkg, budgets = _package(), Budgets(time_budget_seconds=6.0, steps_per_round=3)
+    profiles = load_mix(profiles_dir, None)
+    plan = plan_fleet(None, profiles, None, 40, budgets, seed=3, pkg=pkg, emulation="flops")
+    assert plan.host is None
+    for d in plan.devices:
+        p = profiles[d.profile]
+        preds = flops_predictions(pkg, p)
+        assert d.rank == choose_rank(emulate(p, p.sustained_gflops), preds, budgets).selected_rank
+        assert d.step_seconds[16] == pytest.approx(pkg.manifest.rank(16).estimates.flops_per_step
+                                                   / (p.sustained_gflops * 1e9 * TRAINING_EFFICIENCY))
+    by_profile = {d.profile: d.rank for d in plan.devices}
+    assert by_profile["fast"] == 16 and by_profile["slowcpu"] is None and by_profile["small"] is None
+    assert by_profile["slownet"] is not None and by_profile["slownet"] < 16
+    again = plan_fleet(None, profiles, None, 40, budgets, seed=3, pkg=pkg, emulation="flops")
+    assert again.devices == plan.devices
+    emulation = plan.rank_choice_json(budgets)["emulation"]
+    assert emulation == {"mode": "flops", "rank_distribution": "profiler", "efficiency": TRAINING_EFFICIENCY}
+    with pytest.raises(ConfigError, match="needs the package"):
+        plan_fleet(None, profiles, None, 4, budgets, seed=3, emulation="flops")
+    with pytest.raises(ConfigError, match="needs this host's profile"):
+        plan_fleet(None, profiles, None, 4, budgets, seed=3, pkg=pkg, emulation="measured")
+
+
+def test_ranks_drawn_from_a_distribution_keep_each_devices_profile(profiles_dir):
+    from lorafleet.fleet.emulation import draw_ranks
+
+    pkg, budgets = _package(), Budgets(steps_per_round=3)
+    profiles = load_mix(profiles_dir, None)
+    base = plan_fleet(None, profiles, None, 20, budgets, seed=5, pkg=pkg, emulation="flops")
+    plan = plan_fleet(None, profiles, None, 20, budgets, seed=5, pkg=pkg, emulation="flops",
+                      rank_distribution="heavy-tail-strong")
+    assert [d.rank for d in plan.devices] == draw_ranks(20, (4, 8, 16), "heavy-tail-strong", 5)
+    assert [d.profile for d in plan.devices] == [d.profile for d in base.devices]
+    assert [d.rank for d in plan.devices].count(16) == 17  # 85 % of 20
+    assert plan.rank_choice_json(budgets)["emulation"]["rank_distribution"] == "heavy-tail-strong"
+
+
+def test_fleet_config_checks_the_rank_distribution_and_emulation(profiles_dir, tmp_path):
+    common = dict(devices=2, rounds=1, model="random:tiny", method="flexlora", seed=0, out=tmp_path / "o",
+                  profiles_dir=profiles_dir)
+    with pytest.raises(ConfigError, match="rank_distribution must be one of profiler, uniform"):
+        FleetConfig(**common, rank_distribution="zipf")
+    with pytest.raises(ConfigError, match="emulation must be one of flops, measured"):
+        FleetConfig(**common, emulation="wall")
+    assert FleetConfig(**common).emulation == "flops"
 
 
 def test_parse_mix_and_its_errors():

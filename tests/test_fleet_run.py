@@ -14,11 +14,11 @@ import os
 
 import pytest
 
-from edge_client.device import emulate
-from edge_client.profiles import load_profile
-from edge_client.rank_choice import Budgets, RankPrediction, choose_rank
 from lorafleet.cli import main
-from lorafleet.emulation import online_mask, sample_devices
+from lorafleet.edge_client.device import emulate
+from lorafleet.edge_client.profiles import load_profile
+from lorafleet.edge_client.rank_choice import Budgets, RankPrediction, choose_rank
+from lorafleet.fleet.emulation import online_mask, sample_devices
 from tests.fleet_helpers import write_profile
 
 DEVICES, ROUNDS, DEADLINE, SEED, FRACTION = 50, 2, 6.0, 11, 0.5
@@ -67,18 +67,54 @@ def test_metrics_json_has_every_round_with_who_took_part(fleet_run):
 
 @pytest.mark.slow
 def test_ranks_come_from_the_profilers_rule(fleet_run):
+    """flops emulation (the default): each profile is judged on the package's own per-rank predictions, which
+    the report records, at the profile's speed; no host figure is used."""
     out, profiles_dir = fleet_run
     data = json.loads((out / "metrics.json").read_text())
-    host = data["rank_choice"]["host"]
-    predictions = [RankPrediction(**p) for p in host["predictions"]]
+    choice = data["rank_choice"]
+    assert choice["host"] is None and choice["emulation"]["mode"] == "flops"
     budgets = Budgets(time_budget_seconds=DEADLINE, steps_per_round=2)
     for device, rank in data["device_ranks"].items():
-        profile = load_profile(profiles_dir / f"{data['device_profiles'][device]}.toml")
-        assert rank == choose_rank(emulate(profile, host["device"]["gflops"]), predictions, budgets).selected_rank
+        pid = data["device_profiles"][device]
+        profile = load_profile(profiles_dir / f"{pid}.toml")
+        predictions = [RankPrediction(**p) for p in choice["profiles"][pid]["predictions"]]
+        assert [p.rank for p in predictions] == [4, 8, 16]
+        decision = choose_rank(emulate(profile, profile.sustained_gflops), predictions, budgets)
+        assert rank == decision.selected_rank
     by_profile = {data["device_profiles"][d]: r for d, r in data["device_ranks"].items()}
     assert by_profile["fast"] == by_profile["flaky"] == 16
     assert by_profile["slownet"] in (4, 8)  # its network makes rank 16 miss the deadline
     assert by_profile["slowcpu"] is None
+
+
+@pytest.mark.slow
+def test_the_same_fleet_emulates_the_same_on_a_loaded_machine(fleet_run, tmp_path):
+    """The fixture's fleet again, with every CPU kept busy by other processes: the same ranks, the same
+    devices sampled, dropped and taking part, the same emulated times (flops emulation reads no clock)."""
+    import subprocess
+    import sys
+
+    out, profiles_dir = fleet_run
+    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 2)]
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("LORAFLEET_CACHE", str(out.parent / "cache"))
+            code = main(["fleet", "--devices", str(DEVICES), "--profiles", str(profiles_dir), "--fraction",
+                         str(FRACTION), "--rounds", str(ROUNDS), "--model", "random:tiny", "--method", "flexlora",
+                         "--local-steps", "2", "--round-deadline", str(DEADLINE), "--seed", str(SEED), "--out",
+                         str(tmp_path / "loaded")])
+        load = os.getloadavg()[0]
+    finally:
+        for p in burners:
+            p.kill()
+            p.wait()
+    assert code == 0
+    idle, loaded = (json.loads((d / "metrics.json").read_text()) for d in (out, tmp_path / "loaded"))
+    assert load > 1.0  # the machine really was busy
+    assert loaded["device_ranks"] == idle["device_ranks"]
+    keys = ("online", "sampled", "participants", "dropped", "drop_reasons", "device_times_s", "round_time_s", "ranks")
+    for a, b in zip(idle["rounds"], loaded["rounds"], strict=True):
+        assert {k: a[k] for k in keys} == {k: b[k] for k in keys}, a["round"]
 
 
 @pytest.mark.slow
@@ -111,8 +147,8 @@ def test_the_global_adapter_loads_in_peft_at_the_fleets_highest_rank(fleet_run):
     import torch
     from peft import PeftModel
 
-    from export.adapter import read_adapter
-    from export.models import load_model
+    from lorafleet.export.compiler.models import load_model
+    from lorafleet.export.formats.adapter import read_adapter
 
     out, _ = fleet_run
     adapter = read_adapter(out / "global")
@@ -132,7 +168,7 @@ def test_the_global_adapter_loads_in_peft_at_the_fleets_highest_rank(fleet_run):
 
 @pytest.mark.slow
 def test_a_second_fleet_reuses_the_cached_package(fleet_run, monkeypatch):
-    from lorafleet.fleet_package import fleet_package, package_key
+    from lorafleet.fleet.package import fleet_package, package_key
 
     out, _ = fleet_run
     config = json.loads((out / "metrics.json").read_text())["config"]

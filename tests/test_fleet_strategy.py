@@ -14,13 +14,13 @@ from export_helpers import fake_package
 from fed_helpers import LoopbackGrid, received_arrays, reply
 from flwr.app import ArrayRecord
 
-from export import protocol as P
-from lorafleet.fleet_client import DEVICE
-from lorafleet.fleet_plan import EmulatedDevice
-from lorafleet.fleet_server import build_fleet_strategy
-from lorafleet.fleet_strategy import Emulation
-from server.aggregation import aggregate
-from server.server_app import ServerConfig
+from lorafleet.export.formats import protocol as P
+from lorafleet.fleet.client import DEVICE
+from lorafleet.fleet.plan import EmulatedDevice
+from lorafleet.fleet.server import build_fleet_strategy
+from lorafleet.fleet.strategy import Emulation
+from lorafleet.server.aggregation import aggregate
+from lorafleet.server.server_app import ServerConfig
 
 RANKS = (2, 4, 8)
 DEADLINE = 10.0

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from export.errors import ModelSpecError
-from export.models import EMBEDDED_NAME, check_gguf, list_models, load_model, parse_spec
+from lorafleet.export.compiler.models import EMBEDDED_NAME, check_gguf, list_models, load_model, parse_spec
+from lorafleet.export.formats.errors import ModelSpecError
 
 
 def test_random_tiny_is_seeded_and_described():
@@ -41,7 +41,7 @@ def test_random_tiny_tokenizer_round_trips_and_formats_chat():
 def test_published_architectures_build_with_their_shapes(arch, layers, hidden, vocab):
     from transformers import AutoConfig
 
-    from export.architectures import ARCHITECTURES
+    from lorafleet.export.compiler.architectures import ARCHITECTURES
 
     cfg = AutoConfig.for_model(ARCHITECTURES[arch].model_type, **ARCHITECTURES[arch].hf_config_dict())
     assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size) == (layers, hidden, vocab)

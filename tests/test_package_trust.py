@@ -9,9 +9,9 @@ import shutil
 
 import pytest
 
-from export.errors import PackageError
-from export.manifest import DIGEST_FIELD, MANIFEST_FILE, manifest_digest
-from export.package import open_package, sha256_file
+from lorafleet.export.formats.errors import PackageError
+from lorafleet.export.formats.manifest import DIGEST_FIELD, MANIFEST_FILE, manifest_digest
+from lorafleet.export.formats.package import open_package, sha256_file
 
 
 @pytest.fixture
@@ -75,8 +75,8 @@ def test_a_re_signed_lora_alpha_disagrees_with_the_packaged_adapters(pkg):
 @pytest.mark.parametrize("runtime", ["onnxruntime", "executorch"])
 def test_a_program_compiled_otherwise_than_the_manifest_says_is_refused(pkg, runtime):
     """A forger who also rewrites every adapter config and rehashes still meets the programs."""
-    from edge_client.backends import make_backend
-    from edge_client.backends.base import OptimizerConfig
+    from lorafleet.edge_client.backends import make_backend
+    from lorafleet.edge_client.backends.base import OptimizerConfig
 
     edit(pkg, lambda d: d.update(lora_alpha=32.0), resign=True)
     for r in (2, 4, 8):

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from export.errors import ConfigError
-from lorafleet.partition import dirichlet_partition, family_counts, family_mixtures, family_shares
+from lorafleet.export.formats.errors import ConfigError
+from lorafleet.fleet.partition import dirichlet_partition, family_counts, family_mixtures, family_shares
 
 
 def _labels(num_families: int, per_family: int) -> np.ndarray:
@@ -90,7 +90,7 @@ def test_partition_errors_name_field_and_value():
 
 def test_builtin_device_data_uses_only_seen_families_and_is_non_iid():
     from lorafleet import tasks
-    from lorafleet.fleet_data import builtin_device_data
+    from lorafleet.fleet.data import builtin_device_data
 
     seen = {tasks.family(n).instruction for n in tasks.seen_families()}
     data = builtin_device_data(12, examples_per_device=8, alpha=0.001, seed=0)
@@ -108,7 +108,7 @@ def test_builtin_device_data_uses_only_seen_families_and_is_non_iid():
 def test_jsonl_device_data_splits_a_file_evenly(tmp_path):
     import json
 
-    from lorafleet.fleet_data import jsonl_device_data
+    from lorafleet.fleet.data import jsonl_device_data
 
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps({"instruction": "say", "input": str(i), "output": str(i)}) + "\n"

@@ -4,8 +4,9 @@ import json
 
 import pytest
 
-from edge_client.device import DeviceReport, emulate
-from edge_client.profiler import (
+from lorafleet.cli import main
+from lorafleet.edge_client.device import DeviceReport, emulate
+from lorafleet.edge_client.profiler import (
     LinearFit,
     RankMeasurement,
     fit_growth,
@@ -13,15 +14,16 @@ from edge_client.profiler import (
     predict,
     profile_device,
 )
-from edge_client.profiles import load_profile
-from edge_client.rank_choice import Budgets, choose_rank
-from export.package import open_package
-from lorafleet.cli import main
+from lorafleet.edge_client.profiles import load_profile
+from lorafleet.edge_client.rank_choice import Budgets, choose_rank
+from lorafleet.export.formats.package import open_package
 
 GIB = 1 << 30
 DEVICE_KEYS = ["name", "source", "memory_total_bytes", "memory_available_bytes", "cpu_count", "gflops",
                "memory_bandwidth_gbs"]
-CANDIDATE_KEYS = ["rank", "predicted_peak_bytes", "predicted_step_seconds", "fits", "why"]
+CANDIDATE_KEYS = [
+        "rank", "predicted_peak_bytes", "predicted_step_seconds", "predicted_round_seconds", "memory_ok", "time_ok",
+        "fits", "memory", "round", "why"]
 
 
 def test_fit_linear():

@@ -4,7 +4,7 @@ import tomllib
 
 import pytest
 
-from edge_client.profiles import (
+from lorafleet.edge_client.profiles import (
     NUMERIC_FIELDS,
     PROFILES_DIR,
     list_profiles,
@@ -12,7 +12,7 @@ from edge_client.profiles import (
     load_profile,
     parse_profile,
 )
-from export.errors import ConfigError
+from lorafleet.export.formats.errors import ConfigError
 
 BUNDLED = list_profiles()
 

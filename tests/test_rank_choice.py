@@ -4,9 +4,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge_client.device import DeviceReport
-from edge_client.rank_choice import Budgets, RankPrediction, choose_rank, fmt_bytes, transfer_seconds
-from export.errors import ConfigError
+from lorafleet.edge_client.device import DeviceReport
+from lorafleet.edge_client.rank_choice import Budgets, RankPrediction, choose_rank, fmt_bytes, transfer_seconds
+from lorafleet.export.formats.errors import ConfigError
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -69,7 +69,9 @@ def test_json_shape_and_unsorted_input():
     decision = choose_rank(device(2 * GIB), list(reversed(preds())), Budgets())
     out = decision.to_json()
     assert list(out) == ["candidates", "selected_rank", "reasons"]
-    assert list(out["candidates"][0]) == ["rank", "predicted_peak_bytes", "predicted_step_seconds", "fits", "why"]
+    assert list(out["candidates"][0]) == [
+        "rank", "predicted_peak_bytes", "predicted_step_seconds", "predicted_round_seconds", "memory_ok", "time_ok",
+        "fits", "memory", "round", "why"]
     assert [c["rank"] for c in out["candidates"]] == RANKS
 
 
@@ -141,4 +143,6 @@ def test_selected_is_the_largest_fitting_candidate(predictions, mem, time_budget
     decision = choose_rank(device(mem), predictions, Budgets(time_budget_seconds=time_budget))
     fitting = [c.rank for c in decision.candidates if c.fits]
     assert decision.selected_rank == (max(fitting) if fitting else None)
-    assert all(c.why.startswith("fits") == c.fits for c in decision.candidates)
+    assert all(c.why.startswith("fits") == c.fits == (c.memory_ok and c.time_ok) for c in decision.candidates)
+    assert all(c.why.startswith("too big") == (not c.memory_ok) for c in decision.candidates)
+    assert all((c.limit is None) == c.fits for c in decision.candidates)

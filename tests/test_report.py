@@ -10,10 +10,11 @@ import math
 import pytest
 import torch
 
-from export.adapter import Adapter, LoraPair, scaling_for
-from export.errors import ConfigError, LorafleetError
-from lorafleet.rank_energy import rank_segments, segment_energy, segment_label
-from lorafleet.report import PLOTS, FleetReport, RoundRecord, read_report, write_report
+from lorafleet.export.formats.adapter import Adapter, LoraPair, scaling_for
+from lorafleet.export.formats.errors import ConfigError, LorafleetError
+from lorafleet.fleet.rank_energy import rank_segments, segment_energy, segment_label
+from lorafleet.fleet.records import PLOTS, FleetReport, RoundRecord, read_report
+from lorafleet.fleet.report import write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from edge_client.self_prune import (
+from lorafleet.edge_client.self_prune import (
     SelfPruneConfig,
     head_size,
     pruned_rank,
@@ -11,8 +11,8 @@ from edge_client.self_prune import (
     self_prune,
     tail_norm,
 )
-from export.adapter import Adapter, LoraPair, peft_config, read_adapter, write_adapter
-from export.errors import ConfigError
+from lorafleet.export.formats.adapter import Adapter, LoraPair, peft_config, read_adapter, write_adapter
+from lorafleet.export.formats.errors import ConfigError
 
 
 def make_adapter(r=8, seed=0, tail_scale=1.0, modules=("q_proj", "v_proj")):

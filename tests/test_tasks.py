@@ -9,8 +9,8 @@ import re
 
 import pytest
 
-from export.errors import ConfigError
 from lorafleet import tasks
+from lorafleet.export.formats.errors import ConfigError
 from lorafleet.tasks import lexicon
 
 ORACLES = {

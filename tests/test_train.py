@@ -7,11 +7,11 @@ import pytest
 import torch
 from client_helpers import EXAMPLES, nonzero_adapter, write_jsonl
 
-from edge_client.self_prune import SelfPruneConfig
-from edge_client.trainer import train_local
-from export.adapter import read_adapter
-from export.errors import AdapterError, ConfigError
 from lorafleet.cli import main
+from lorafleet.edge_client.self_prune import SelfPruneConfig
+from lorafleet.edge_client.trainer import train_local
+from lorafleet.export.formats.adapter import read_adapter
+from lorafleet.export.formats.errors import AdapterError, ConfigError
 
 TRAIN_KEYS = ["losses", "peak_rss_bytes", "step_seconds", "num_examples", "rank"]
 
@@ -71,7 +71,7 @@ def test_cli_train_json_and_a_peft_loadable_adapter(tiny_package, tmp_path, caps
     assert adapter.r == 4 and adapter.config["lora_alpha"] == 16.0
     from peft import PeftModel
 
-    from export.models import load_model
+    from lorafleet.export.compiler.models import load_model
 
     model = PeftModel.from_pretrained(load_model("random:tiny", with_tokenizer=False).model, str(tmp_path / "a"))
     assert model.peft_config["default"].r == 4
@@ -110,7 +110,7 @@ def test_cli_train_bad_input_is_one_line(tiny_package, tmp_path, capsys, case, m
     if case == "out_exists":
         out.mkdir()
     if case == "small_adapter":
-        from export.adapter import write_adapter
+        from lorafleet.export.formats.adapter import write_adapter
 
         write_adapter(nonzero_adapter(2), tmp_path / "small")
         extra = ["--adapter", str(tmp_path / "small")]
@@ -126,7 +126,7 @@ def test_cli_train_bad_input_is_one_line(tiny_package, tmp_path, capsys, case, m
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "executorch", "torch"])
 def test_a_bf16_adapter_trains_on_every_backend(tiny_package, tmp_path, capsys, backend):
-    from export.adapter import Adapter, LoraPair, write_adapter
+    from lorafleet.export.formats.adapter import Adapter, LoraPair, write_adapter
 
     start = nonzero_adapter(4)
     bf16 = Adapter({n: LoraPair(p.lora_A.bfloat16(), p.lora_B.bfloat16(), p.scaling) for n, p in start.modules.items()},

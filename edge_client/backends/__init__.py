@@ -1,4 +1,4 @@
-"""On-device training backends behind one protocol (:mod:`edge_client.backends.base`).
+"""On-device training backends behind one protocol (:mod:`lorafleet.edge_client.backends.base`).
 
 Heavy runtimes are imported only when a backend is built: torch eager + PEFT (the reference), ONNX Runtime
 training, ExecuTorch training programs.
@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from edge_client.backends.base import BACKENDS, AdamW, OptimizerConfig, TrainingBackend
-from export.errors import ConfigError
+from lorafleet.edge_client.backends.base import BACKENDS, AdamW, OptimizerConfig, TrainingBackend
+from lorafleet.export.formats.errors import ConfigError
 
 if TYPE_CHECKING:
-    from export.package import Package
+    from lorafleet.export.formats.package import Package
 
 __all__ = ["BACKENDS", "AdamW", "OptimizerConfig", "TrainingBackend", "make_backend"]
 
@@ -23,13 +23,13 @@ def make_backend(name: str, package: Package, rank: int, optimizer: OptimizerCon
         raise ConfigError(f"unknown backend {name!r} (known: {', '.join(BACKENDS)})")
     package.manifest.rank(rank)  # PackageError naming the ranks it has
     if name == "torch":
-        from edge_client.backends.torch_backend import TorchBackend
+        from lorafleet.edge_client.backends.torch_backend import TorchBackend
 
         return TorchBackend.from_package(package, rank, optimizer)
     if name == "onnxruntime":
-        from edge_client.backends.onnx_backend import OnnxBackend
+        from lorafleet.edge_client.backends.onnx_backend import OnnxBackend
 
         return OnnxBackend.from_package(package, rank, optimizer)
-    from edge_client.backends.executorch_backend import ExecutorchBackend
+    from lorafleet.edge_client.backends.executorch_backend import ExecutorchBackend
 
     return ExecutorchBackend.from_package(package, rank, optimizer)

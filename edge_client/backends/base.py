@@ -1,7 +1,7 @@
-"""The one protocol every on-device training backend speaks (STYLE.md #6), and the shared recipe.
+"""The one protocol every on-device training backend speaks, and the shared recipe.
 
 A backend holds one LoRA rank of one package and trains it: ``step(batch) -> loss`` (forward, backward and one
-optimizer step on a :class:`edge_client.data.Batch`), ``adapter_state() -> Adapter`` (the current LoRA
+optimizer step on a :class:`lorafleet.edge_client.data.Batch`), ``adapter_state() -> Adapter`` (the current LoRA
 weights, PEFT layout) and ``load_adapter(adapter)`` (new LoRA weights, rescaled to the package's compiled
 ``lora_alpha``; the optimizer state is reset unless ``reset_optimizer=False``). Everything above this module is
 backend-agnostic.
@@ -21,13 +21,13 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from export.errors import AdapterError, ConfigError
+from lorafleet.export.formats.errors import AdapterError, ConfigError
 
 if TYPE_CHECKING:
     import torch
 
-    from edge_client.data import Batch
-    from export.adapter import Adapter
+    from lorafleet.edge_client.data import Batch
+    from lorafleet.export.formats.adapter import Adapter
 
 BACKENDS = ("executorch", "onnxruntime", "torch")
 
@@ -106,4 +106,4 @@ def check_rank(adapter: Adapter, rank: int) -> None:
     """Raise :class:`AdapterError` unless every module of ``adapter`` has rank ``rank`` (what a program trains)."""
     if adapter.ranks != {rank}:
         raise AdapterError(f"adapter has rank {sorted(adapter.ranks)}, the program trains rank {rank} "
-                           f"(truncate it first: export.adapter.truncate)")
+                           f"(truncate it first: lorafleet.export.formats.adapter.truncate)")

@@ -1,8 +1,8 @@
 """The ExecuTorch backend: the package's training program (``executorch/rank-<r>/training.pte`` reading the
-shared ``foundation.ptd``) through :mod:`export.executorch`'s runtime helpers.
+shared ``foundation.ptd``) through :mod:`lorafleet.export.compiler.executorch`'s runtime helpers.
 
 The program computes the loss and the LoRA gradients (``TrainingModule.forward_backward``); ExecuTorch 1.5's
-Python bindings offer only SGD, so the recipe's AdamW (:class:`edge_client.backends.base.AdamW`, ORT's
+Python bindings offer only SGD, so the recipe's AdamW (:class:`lorafleet.edge_client.backends.base.AdamW`, ORT's
 variant) updates the program's parameter tensors in place — they alias the program's memory, so the next step
 sees the update.
 """
@@ -11,32 +11,31 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from edge_client.backends.base import AdamW, OptimizerConfig, check_rank
+from lorafleet.edge_client.backends.base import AdamW, OptimizerConfig, check_rank
 
 if TYPE_CHECKING:
-    from edge_client.data import Batch
-    from export.adapter import Adapter
-    from export.package import Package
+    from lorafleet.edge_client.data import Batch
+    from lorafleet.export.formats.adapter import Adapter
+    from lorafleet.export.formats.package import Package
 
 
 class ExecutorchBackend:
     name = "executorch"
 
     def __init__(self, program: Any, rank: int, optimizer: OptimizerConfig):
-        self.program, self.rank = program, rank  # export.executorch.TrainingProgram
+        self.program, self.rank = program, rank  # lorafleet.export.compiler.executorch.TrainingProgram
         params = program.parameters()  # PEFT key -> tensor aliasing program memory
         self.keys = sorted(params)
         self.optimizer = AdamW([params[k] for k in self.keys], optimizer)
 
     @classmethod
     def from_package(cls, package: Package, rank: int, optimizer: OptimizerConfig) -> ExecutorchBackend:
-        from export.executorch import load_training
-        from export.manifest import Compiled, check_compiled
+        from lorafleet.export.compiler.executorch import load_training
+        from lorafleet.export.formats.program import check_compiled
 
         program = load_training(package.path_of(rank, "executorch_training"), package.foundation("executorch"))
         lora = program.lora
-        check_compiled(package.manifest, rank, "executorch_training",
-                       Compiled(lora.r, lora.lora_alpha, lora.use_rslora, lora.target_modules, program.input_shape))
+        check_compiled(package.manifest, rank, "executorch_training", lora.spec, program.input_shape)
         backend = cls(program, rank, optimizer)
         backend.load_adapter(package.initial_adapter(rank))
         return backend

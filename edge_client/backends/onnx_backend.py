@@ -1,4 +1,5 @@
-"""The ONNX Runtime backend: the package's ORT training artifacts through :class:`export.onnx_training.OnnxTrainer`.
+"""The ONNX Runtime backend: the package's ORT training artifacts through
+:class:`lorafleet.export.runtime.onnx.OnnxTrainer`.
 
 The optimizer is compiled into the artifacts (``optimizer_model.onnx``: ORT's AdamW, ``adam_mode=1``, betas
 0.9/0.999, eps 1e-6, no weight decay); only the learning rate is set at run time, so a recipe asking for other
@@ -9,24 +10,24 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from edge_client.backends.base import OptimizerConfig, check_rank
-from export.errors import ConfigError
+from lorafleet.edge_client.backends.base import OptimizerConfig, check_rank
+from lorafleet.export.formats.errors import ConfigError
 
 if TYPE_CHECKING:
-    from edge_client.data import Batch
-    from export.adapter import Adapter
-    from export.package import Package
+    from lorafleet.edge_client.data import Batch
+    from lorafleet.export.formats.adapter import Adapter
+    from lorafleet.export.formats.package import Package
 
 
 class OnnxBackend:
     name = "onnxruntime"
 
     def __init__(self, trainer: Any, rank: int):
-        self.trainer, self.rank = trainer, rank  # export.onnx_training.OnnxTrainer
+        self.trainer, self.rank = trainer, rank  # lorafleet.export.runtime.onnx.OnnxTrainer
 
     @classmethod
     def from_package(cls, package: Package, rank: int, optimizer: OptimizerConfig) -> OnnxBackend:
-        from export.onnx_training import ADAMW, OnnxTrainer
+        from lorafleet.export.runtime.onnx import ADAMW, OnnxTrainer
 
         wanted = {"betas": tuple(optimizer.betas), "eps": optimizer.eps, "weight_decay": optimizer.weight_decay}
         if wanted != dict(ADAMW):

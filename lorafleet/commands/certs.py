@@ -17,36 +17,39 @@ from typing import Annotated
 import typer
 
 
+def certs(
+    out: Annotated[Path, typer.Option("--out", metavar="DIR", help="Directory for the files (new or empty).")],
+    name: Annotated[list[str], typer.Option("--name", metavar="HOST",
+                                            help="A name or address devices connect to (repeatable).")],
+    days: Annotated[int, typer.Option("--days", min=1, help="Validity in days.")] = 825,
+) -> None:
+    """Make a CA and a server certificate for the names devices connect to."""
+    from lorafleet.export.formats.errors import ConfigError
+    from lorafleet.federation.certs import write_tls
+
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"--out {out} exists and is not an empty directory")
+    files = write_tls(out, name, days=days)
+    typer.echo(f"wrote {files.ca} (for every device), {files.cert} and {files.key} (the server's), "
+               f"{files.ca_key} (the CA's key: keep it off the server); names: {', '.join(name)}")
+
+
+def node_key(
+    out: Annotated[Path, typer.Option("--out", metavar="FILE",
+                                      help="The private key; FILE.pub is its public key.")],
+) -> None:
+    """Make a SuperNode authentication key pair (ECDSA P-384, OpenSSH format)."""
+    from lorafleet.export.formats.errors import ConfigError
+    from lorafleet.federation.certs import write_node_key
+
+    pub = out.with_name(out.name + ".pub")
+    if out.exists() or pub.exists():
+        raise ConfigError(f"{out if out.exists() else pub} already exists")
+    private, public = write_node_key(out)
+    typer.echo(f"wrote {private} (the device keeps it: lorafleet client --auth-key) and {public} "
+               f"(for the server: lorafleet serve --authorized-keys)")
+
+
 def register(app: typer.Typer) -> None:
-    @app.command("certs")
-    def certs(
-        out: Annotated[Path, typer.Option("--out", metavar="DIR", help="Directory for the files (new or empty).")],
-        name: Annotated[list[str], typer.Option("--name", metavar="HOST",
-                                                help="A name or address devices connect to (repeatable).")],
-        days: Annotated[int, typer.Option("--days", min=1, help="Validity in days.")] = 825,
-    ) -> None:
-        """Make a CA and a server certificate for the names devices connect to."""
-        from export.errors import ConfigError
-        from lorafleet.certs import write_tls
-
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise ConfigError(f"--out {out} exists and is not an empty directory")
-        files = write_tls(out, name, days=days)
-        typer.echo(f"wrote {files.ca} (for every device), {files.cert} and {files.key} (the server's), "
-                   f"{files.ca_key} (the CA's key: keep it off the server); names: {', '.join(name)}")
-
-    @app.command("node-key")
-    def node_key(
-        out: Annotated[Path, typer.Option("--out", metavar="FILE",
-                                          help="The private key; FILE.pub is its public key.")],
-    ) -> None:
-        """Make a SuperNode authentication key pair (ECDSA P-384, OpenSSH format)."""
-        from export.errors import ConfigError
-        from lorafleet.certs import write_node_key
-
-        pub = out.with_name(out.name + ".pub")
-        if out.exists() or pub.exists():
-            raise ConfigError(f"{out if out.exists() else pub} already exists")
-        private, public = write_node_key(out)
-        typer.echo(f"wrote {private} (the device keeps it: lorafleet client --auth-key) and {public} "
-                   f"(for the server: lorafleet serve --authorized-keys)")
+    app.command("certs")(certs)
+    app.command("node-key")(node_key)

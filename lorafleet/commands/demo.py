@@ -14,55 +14,59 @@ from typing import Annotated, Any
 
 import typer
 
-from export.errors import ConfigError
+from lorafleet.export.formats.errors import ConfigError
 
 DEMO_MIX = {"jetson-orin-nano-8gb": 1.0, "raspberry-pi-5-8gb": 1.0, "pixel-8": 1.0, "android-mid-6gb": 1.0}
 
 
 def demo_config(model: str, out: Path) -> Any:
-    """The demo's fleet: 8 devices (2 of each profile), 2 rounds of FlexLoRA, ranks 4/16/64, a 40 s deadline."""
-    from lorafleet.fleet_config import FleetConfig
+    """The demo's fleet: 8 devices (2 of each profile), 2 rounds of FlexLoRA, ranks 4/16/64, a 40 s deadline;
+    step times measured on this machine (the demo shows what the profiler does here)."""
+    from lorafleet.fleet.config import FleetConfig
 
     return FleetConfig(devices=8, rounds=2, model=model, method="flexlora", seed=0, out=out, mix=dict(DEMO_MIX),
-                       fraction=1.0, local_steps=10, round_deadline=40.0, ranks=(4, 16, 64))
+                       fraction=1.0, local_steps=10, round_deadline=40.0, ranks=(4, 16, 64),
+                       emulation="measured")
+
+
+def demo(
+    model: Annotated[str, typer.Option("--model", help="Model spec (see `lorafleet models`).")] = "smollm2-135m",
+    out: Annotated[Path, typer.Option("--out", help="Report directory (a previous demo report is replaced).")]
+    = Path("demo-out"),
+    max_new_tokens: Annotated[int, typer.Option(
+        "--max-new-tokens", min=1, max=512, help="Tokens of the sample answers shown at the end.")] = 32,
+) -> None:
+    """Export SmolLM2-135M, profile this machine, emulate an 8-device FlexLoRA fleet, write the report."""
+    import time
+
+    from lorafleet.commands.fleet import print_result
+    from lorafleet.export.compiler.models import parse_spec
+    from lorafleet.fleet import run_fleet
+    from lorafleet.fleet.progress import RichProgress
+
+    parse_spec(model)  # a bad spec fails here, before anything is written
+    _clear_previous(out)
+    cfg = demo_config(model, out)
+    typer.echo(f"lorafleet demo: export {model} (LoRA ranks {', '.join(map(str, cfg.ranks))} on "
+               f"{', '.join(cfg.target_modules)}) → profile this machine → {cfg.devices} emulated devices "
+               f"({', '.join(DEMO_MIX)}) × {cfg.rounds} rounds of {cfg.method} (deadline "
+               f"{cfg.round_deadline:g} s, {cfg.local_steps} local steps) → report in {out}/")
+    started = time.perf_counter()
+    with RichProgress(cfg.rounds) as progress:
+        result = run_fleet(cfg, progress=progress)
+    _print_fleet(result)
+    _print_sample(result, model, max_new_tokens)
+    print_result(result)
+    typer.echo(f"({time.perf_counter() - started:.0f} s)")
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("demo")
-    def demo(
-        model: Annotated[str, typer.Option("--model", help="Model spec (see `lorafleet models`).")] = "smollm2-135m",
-        out: Annotated[Path, typer.Option("--out", help="Report directory (a previous demo report is replaced).")]
-        = Path("demo-out"),
-        max_new_tokens: Annotated[int, typer.Option(
-            "--max-new-tokens", min=1, max=512, help="Tokens of the sample answers shown at the end.")] = 32,
-    ) -> None:
-        """Export SmolLM2-135M, profile this machine, emulate an 8-device FlexLoRA fleet, write the report."""
-        import time
-
-        from export.models import parse_spec
-        from lorafleet.commands.fleet import print_result
-        from lorafleet.fleet import run_fleet
-        from lorafleet.fleet_progress import RichProgress
-
-        parse_spec(model)  # a bad spec fails here, before anything is written
-        _clear_previous(out)
-        cfg = demo_config(model, out)
-        typer.echo(f"lorafleet demo: export {model} (LoRA ranks {', '.join(map(str, cfg.ranks))} on "
-                   f"{', '.join(cfg.target_modules)}) → profile this machine → {cfg.devices} emulated devices "
-                   f"({', '.join(DEMO_MIX)}) × {cfg.rounds} rounds of {cfg.method} (deadline "
-                   f"{cfg.round_deadline:g} s, {cfg.local_steps} local steps) → report in {out}/")
-        started = time.perf_counter()
-        with RichProgress(cfg.rounds) as progress:
-            result = run_fleet(cfg, progress=progress)
-        _print_fleet(result)
-        _print_sample(result, model, max_new_tokens)
-        print_result(result)
-        typer.echo(f"({time.perf_counter() - started:.0f} s)")
+    app.command("demo")(demo)
 
 
 def _clear_previous(out: Path) -> None:
     """The demo rewrites its own report; anything else at ``out`` is left alone."""
-    from lorafleet.report import METRICS_JSON
+    from lorafleet.fleet.records import METRICS_JSON
 
     if out.exists() and any(out.iterdir()):
         if not (out / METRICS_JSON).is_file():
@@ -75,11 +79,15 @@ def _print_fleet(result: Any) -> None:
     from rich.table import Table
 
     choice = result.report.rank_choice
-    host = choice["host"]
-    steps = ", ".join(f"rank {m['rank']}: {m['step_seconds']:.2f} s" for m in host["measurements"])
+    host, emulation = choice["host"], choice.get("emulation", {})
     console = Console(soft_wrap=True)
-    console.print(f"this machine: {host['device']['gflops']:.1f} GFLOP/s per simulation worker; one training step "
-                  f"({host['backend']}): {steps}")
+    if host is not None:
+        steps = ", ".join(f"rank {m['rank']}: {m['step_seconds']:.2f} s" for m in host["measurements"])
+        console.print(f"this machine: {host['device']['gflops']:.1f} GFLOP/s per simulation worker; one training "
+                      f"step ({host['backend']}): {steps}")
+    else:
+        console.print(f"device step times from each rank's FLOPs at {emulation.get('efficiency', 0):.0%} of the "
+                      f"profile's GFLOP/s (the same on any machine; --emulation measured times this one)")
     table = Table(title="ranks chosen by the profiler's rule (deadline "
                         f"{choice['budgets']['time_budget_seconds']:g} s)")
     for col in ("profile", "devices", "GFLOP/s", "online", "rank", "predicted round"):
@@ -88,7 +96,7 @@ def _print_fleet(result: Any) -> None:
     for name, p in choice["profiles"].items():
         rank = p["selected_rank"]
         fit = next((c for c in p["candidates"] if c["rank"] == rank), None)
-        why = fit["why"].split("; ")[-1] if fit else p["reasons"][-1]  # "round 18.4 s (10 steps × ...) ≤ ..."
+        why = fit["round"] if fit else p["reasons"][-1]
         table.add_row(name, str(profiles.count(name)), f"{p['gflops']:g}", f"{p['availability']:.0%}",
                       str(rank) if rank is not None else "none", why)
     console.print(table)
@@ -96,11 +104,11 @@ def _print_fleet(result: Any) -> None:
 
 def _print_sample(result: Any, model: str, max_new_tokens: int) -> None:
     """The first held-out families (never trained on), one example each, answered before and after the fleet."""
-    from export.adapter import read_adapter
-    from export.models import load_model
     from lorafleet import tasks
-    from lorafleet.evaluate import applied, generate_answers
+    from lorafleet.export.compiler.models import load_model
+    from lorafleet.export.formats.adapter import read_adapter
     from lorafleet.fleet import GLOBAL_DIR
+    from lorafleet.fleet.evaluate import applied, generate_answers
 
     examples = [(f, tasks.generate(f, 1, seed=1, stream="eval")[0]) for f in tasks.heldout_families()[:3]]
     loaded = load_model(model)

@@ -7,62 +7,50 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from export.errors import ConfigError
+from lorafleet.commands.options import INTS, NAMES
 
 
-def _ints(option: str, text: str) -> tuple[int, ...]:
-    items = _names(option, text)
-    try:
-        return tuple(int(x) for x in items)
-    except ValueError:
-        bad = next(x for x in items if not x.lstrip("-").isdigit())
-        raise ConfigError(f"{option}: {bad!r} is not an integer (expected e.g. 4,8,16)") from None
+def export(
+    model: Annotated[str, typer.Argument(help="Model spec: smollm2-135m, random:<arch>, an HF dir or a .gguf.")],
+    ranks: Annotated[Any, typer.Option("--ranks", click_type=INTS,
+                                       help="LoRA ranks, comma-separated (e.g. 4,8,16,32).")],
+    target_modules: Annotated[Any, typer.Option("--target-modules", click_type=NAMES,
+                                                help="Layers to adapt (q_proj,v_proj).")],
+    out: Annotated[Path, typer.Option("--out", help="Package directory to create.")],
+    lora_alpha: Annotated[float, typer.Option("--lora-alpha", help="PEFT lora_alpha (alpha / r).")] = 16.0,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per training sequence (fixed).")] = 64,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per training step.")] = 1,
+    adapter: Annotated[Path | None, typer.Option("--adapter", help="PEFT adapter every rank starts from.")] = None,
+    runtimes: Annotated[Any, typer.Option("--runtimes", click_type=NAMES,
+                                          help="executorch, onnx or both.")] = "executorch,onnx",
+    quantize: Annotated[str, typer.Option("--quantize", help="Base-weight quantization (inference).")] = "none",
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing package at --out.")] = False,
+) -> None:
+    """Compile a model and LoRA heads into an edge package for ExecuTorch and ONNX Runtime."""
+    import sys
 
+    from lorafleet.export.compiler.pipeline import ExportConfig, run_export
 
-def _names(option: str, text: str) -> tuple[str, ...]:
-    items = tuple(x.strip() for x in text.split(","))
-    if not text.strip() or any(not x for x in items):
-        raise ConfigError(f"{option}: expected a comma-separated list, got {text!r}")
-    return items
+    cfg = ExportConfig(model=model, ranks=ranks, target_modules=target_modules, out=out,
+                       lora_alpha=lora_alpha, seq_len=seq_len, batch_size=batch_size, adapter=adapter,
+                       runtimes=runtimes, quantize=quantize, force=force)
+    result = run_export(cfg, log=lambda msg: print(f"[export] {msg}", file=sys.stderr, flush=True))
+    _summary(result)
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("export")
-    def export(
-        model: Annotated[str, typer.Argument(help="Model spec: smollm2-135m, random:<arch>, an HF dir or a .gguf.")],
-        ranks: Annotated[str, typer.Option("--ranks", help="LoRA ranks, comma-separated (e.g. 4,8,16,32).")],
-        target_modules: Annotated[str, typer.Option("--target-modules", help="Layers to adapt (q_proj,v_proj).")],
-        out: Annotated[Path, typer.Option("--out", help="Package directory to create.")],
-        lora_alpha: Annotated[float, typer.Option("--lora-alpha", help="PEFT lora_alpha (alpha / r).")] = 16.0,
-        seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per training sequence (fixed).")] = 64,
-        batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per training step.")] = 1,
-        adapter: Annotated[Path | None, typer.Option("--adapter", help="PEFT adapter every rank starts from.")] = None,
-        runtimes: Annotated[str, typer.Option("--runtimes", help="executorch, onnx or both.")] = "executorch,onnx",
-        quantize: Annotated[str, typer.Option("--quantize", help="Base-weight quantization (inference).")] = "none",
-        force: Annotated[bool, typer.Option("--force", help="Replace an existing package at --out.")] = False,
-    ) -> None:
-        """Compile a model and LoRA heads into an edge package for ExecuTorch and ONNX Runtime."""
-        import sys
-
-        from export.pipeline import ExportConfig, run_export
-
-        cfg = ExportConfig(model=model, ranks=_ints("--ranks", ranks),
-                           target_modules=_names("--target-modules", target_modules), out=out,
-                           lora_alpha=lora_alpha, seq_len=seq_len, batch_size=batch_size, adapter=adapter,
-                           runtimes=_names("--runtimes", runtimes), quantize=quantize, force=force)
-        result = run_export(cfg, log=lambda msg: print(f"[export] {msg}", file=sys.stderr, flush=True))
-        _summary(result)
+    app.command("export")(export)
 
 
 def _summary(result: object) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from export.pipeline import ExportResult
+    from lorafleet.export.compiler.pipeline import ExportResult
 
     assert isinstance(result, ExportResult)
     m = result.manifest

@@ -16,47 +16,49 @@ class BackendName(StrEnum):
     torch = "torch"
 
 
-def register(app: typer.Typer) -> None:
-    @app.command("profile")
-    def profile(
-        package: Annotated[Path | None, typer.Option("--package", help="Edge package: evaluate its ranks.")] = None,
-        profile_file: Annotated[str | None, typer.Option(
-            "--profile", help="Emulate this device profile (a file, or a name in profiles/).")] = None,
-        backend: Annotated[BackendName, typer.Option("--backend", help="Training runtime.")] = BackendName.onnxruntime,
-        memory_fraction: Annotated[float, typer.Option(
-            "--memory-fraction", help="Share of the available memory training may use.")] = 0.9,
-        time_budget: Annotated[float | None, typer.Option(
-            "--time-budget", help="Seconds per local round: 20 steps plus adapter download and upload.")] = None,
-        as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
-    ) -> None:
-        """Measure this device and pick the largest LoRA rank whose training fits its memory and time budgets."""
-        from edge_client.device import DEFAULT_SHAPES, emulate, measure_device
-        from edge_client.profiler import profile_device
-        from edge_client.profiles import load_profile
-        from edge_client.rank_choice import Budgets
-        from export.package import open_package
+def profile(
+    package: Annotated[Path | None, typer.Option("--package", help="Edge package: evaluate its ranks.")] = None,
+    profile_file: Annotated[str | None, typer.Option(
+        "--profile", help="Emulate this device profile (a file, or a name in profiles/).")] = None,
+    backend: Annotated[BackendName, typer.Option("--backend", help="Training runtime.")] = BackendName.onnxruntime,
+    memory_fraction: Annotated[float, typer.Option(
+        "--memory-fraction", help="Share of the available memory training may use.")] = 0.9,
+    time_budget: Annotated[float | None, typer.Option(
+        "--time-budget", help="Seconds per local round: 20 steps plus adapter download and upload.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Measure this device and pick the largest LoRA rank whose training fits its memory and time budgets."""
+    from lorafleet.edge_client.device import DEFAULT_SHAPES, emulate, measure_device
+    from lorafleet.edge_client.profiler import profile_device
+    from lorafleet.edge_client.profiles import load_profile
+    from lorafleet.edge_client.rank_choice import Budgets
+    from lorafleet.export.formats.package import open_package
 
-        budgets = Budgets(memory_fraction=memory_fraction, time_budget_seconds=time_budget)
-        prof = load_profile(profile_file) if profile_file else None
-        pkg = open_package(package) if package is not None else None
-        shapes: tuple[tuple[int, int, int], ...] = DEFAULT_SHAPES
-        if pkg is not None:
-            tokens = pkg.manifest.batch_size * pkg.manifest.seq_len
-            shapes = tuple((tokens, i, o) for o, i in pkg.manifest.model.module_shapes.values())
-        host = measure_device(shapes)
-        device = emulate(prof, host.gflops) if prof else host
-        result = profile_device(device, pkg, backend.value, budgets)
-        if as_json:
-            typer.echo(json.dumps(result.to_json(), indent=2, ensure_ascii=False))
-        else:
-            _print_table(result.to_json())
+    budgets = Budgets(memory_fraction=memory_fraction, time_budget_seconds=time_budget)
+    prof = load_profile(profile_file) if profile_file else None
+    pkg = open_package(package) if package is not None else None
+    shapes: tuple[tuple[int, int, int], ...] = DEFAULT_SHAPES
+    if pkg is not None:
+        tokens = pkg.manifest.batch_size * pkg.manifest.seq_len
+        shapes = tuple((tokens, i, o) for o, i in pkg.manifest.model.module_shapes.values())
+    host = measure_device(shapes)
+    device = emulate(prof, host.gflops) if prof else host
+    result = profile_device(device, pkg, backend.value, budgets)
+    if as_json:
+        typer.echo(json.dumps(result.to_json(), indent=2, ensure_ascii=False))
+    else:
+        _print_table(result.to_json())
+
+
+def register(app: typer.Typer) -> None:
+    app.command("profile")(profile)
 
 
 def _print_table(out: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from edge_client.rank_choice import fmt_bytes
+    from lorafleet.edge_client.rank_choice import fmt_bytes
 
     console = Console()
     d = out["device"]

@@ -12,51 +12,53 @@ import typer
 from lorafleet.commands.profile import BackendName
 
 
-def register(app: typer.Typer) -> None:
-    @app.command("train")
-    def train(
-        package: Annotated[Path, typer.Option("--package", help="Edge package directory.")],
-        rank: Annotated[int, typer.Option("--rank", help="LoRA rank to train (one of the package's).")],
-        backend: Annotated[BackendName, typer.Option("--backend", help="Training runtime.")],
-        data: Annotated[Path, typer.Option("--data", help="JSONL: instruction/input/output (Alpaca, Dolly, NI).")],
-        steps: Annotated[int, typer.Option("--steps", help="Training steps.")],
-        seed: Annotated[int, typer.Option("--seed", help="Seed of the data order.")],
-        out: Annotated[Path, typer.Option("--out", help="Write the trained PEFT adapter directory here.")],
-        adapter: Annotated[Path | None, typer.Option(
-            "--adapter", help="Start from this PEFT adapter (truncated to --rank).")] = None,
-        batch_size: Annotated[int | None, typer.Option(
-            "--batch-size", help="Batch size (default: the package's).")] = None,
-        lr: Annotated[float, typer.Option("--lr", help="AdamW learning rate.")] = 1e-4,
-        self_prune: Annotated[bool, typer.Option("--self-prune", help="HetLoRA local rank self-pruning.")] = False,
-        skip_invalid: Annotated[bool, typer.Option(
-            "--skip-invalid", help="Skip malformed data lines (and count them) instead of failing.")] = False,
-        as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a summary.")] = False,
-    ) -> None:
-        """Train one rank of an edge package on instruction data and write the adapter (PEFT directory)."""
-        from edge_client.data import read_jsonl
-        from edge_client.trainer import train_local
-        from export.adapter import read_adapter, write_adapter
-        from export.errors import LorafleetError
-        from export.package import open_package
+def train(
+    package: Annotated[Path, typer.Option("--package", help="Edge package directory.")],
+    rank: Annotated[int, typer.Option("--rank", help="LoRA rank to train (one of the package's).")],
+    backend: Annotated[BackendName, typer.Option("--backend", help="Training runtime.")],
+    data: Annotated[Path, typer.Option("--data", help="JSONL: instruction/input/output (Alpaca, Dolly, NI).")],
+    steps: Annotated[int, typer.Option("--steps", help="Training steps.")],
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the data order.")],
+    out: Annotated[Path, typer.Option("--out", help="Write the trained PEFT adapter directory here.")],
+    adapter: Annotated[Path | None, typer.Option(
+        "--adapter", help="Start from this PEFT adapter (truncated to --rank).")] = None,
+    batch_size: Annotated[int | None, typer.Option(
+        "--batch-size", help="Batch size (default: the package's).")] = None,
+    lr: Annotated[float, typer.Option("--lr", help="AdamW learning rate.")] = 1e-4,
+    self_prune: Annotated[bool, typer.Option("--self-prune", help="HetLoRA local rank self-pruning.")] = False,
+    skip_invalid: Annotated[bool, typer.Option(
+        "--skip-invalid", help="Skip malformed data lines (and count them) instead of failing.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a summary.")] = False,
+) -> None:
+    """Train one rank of an edge package on instruction data and write the adapter (PEFT directory)."""
+    from lorafleet.edge_client.data import read_jsonl
+    from lorafleet.edge_client.trainer import train_local
+    from lorafleet.export.formats.adapter import read_adapter, write_adapter
+    from lorafleet.export.formats.errors import LorafleetError
+    from lorafleet.export.formats.package import open_package
 
-        if out.exists():
-            raise LorafleetError(f"output {out} already exists")
-        pkg = open_package(package, ranks=[rank])
-        pkg.manifest.rank(rank)
-        dataset = read_jsonl(data, skip_invalid=skip_invalid)
-        initial = read_adapter(adapter) if adapter is not None else None
-        result = train_local(pkg, rank, backend.value, dataset.examples, initial_adapter=initial, steps=steps,
-                             batch_size=batch_size, lr=lr, seed=seed, self_prune=self_prune)
-        write_adapter(result.adapter, out)
-        if dataset.skipped:
-            print(f"skipped {dataset.skipped} malformed lines of {data} (lines {dataset.skipped_lines[:10]})",
-                  file=sys.stderr)
-        if as_json:
-            typer.echo(json.dumps(result.to_json()))
-            return
-        typer.echo(f"trained rank {result.trained_rank} on {result.backend}: {len(result.losses)} steps, loss "
-                   f"{result.losses[0]:.4f} → {result.losses[-1]:.4f}, {result.step_seconds:.3f} s/step, peak RSS "
-                   f"{result.peak_rss_bytes / 2**20:.0f} MiB, {result.num_examples} examples")
-        if result.prune is not None:
-            typer.echo(f"self-pruning: {result.prune.reason}")
-        typer.echo(f"adapter (rank {result.rank}) written to {out}")
+    if out.exists():
+        raise LorafleetError(f"output {out} already exists")
+    pkg = open_package(package, ranks=[rank])
+    pkg.manifest.rank(rank)
+    dataset = read_jsonl(data, skip_invalid=skip_invalid)
+    initial = read_adapter(adapter) if adapter is not None else None
+    result = train_local(pkg, rank, backend.value, dataset.examples, initial_adapter=initial, steps=steps,
+                         batch_size=batch_size, lr=lr, seed=seed, self_prune=self_prune)
+    write_adapter(result.adapter, out)
+    if dataset.skipped:
+        print(f"skipped {dataset.skipped} malformed lines of {data} (lines {dataset.skipped_lines[:10]})",
+              file=sys.stderr)
+    if as_json:
+        typer.echo(json.dumps(result.to_json()))
+        return
+    typer.echo(f"trained rank {result.trained_rank} on {result.backend}: {len(result.losses)} steps, loss "
+               f"{result.losses[0]:.4f} → {result.losses[-1]:.4f}, {result.step_seconds:.3f} s/step, peak RSS "
+               f"{result.peak_rss_bytes / 2**20:.0f} MiB, {result.num_examples} examples")
+    if result.prune is not None:
+        typer.echo(f"self-pruning: {result.prune.reason}")
+    typer.echo(f"adapter (rank {result.rank}) written to {out}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train")(train)

@@ -13,7 +13,7 @@ True
 
 from __future__ import annotations
 
-from edge_client.data import Example
+from lorafleet.edge_client.data import Example
 from lorafleet.tasks import knowledge, numeric, text  # noqa: F401  (importing registers the families)
 from lorafleet.tasks.registry import (
     REGISTRY,

@@ -12,8 +12,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
 
-from edge_client.data import Example
-from export.errors import ConfigError
+from lorafleet.edge_client.data import Example
+from lorafleet.export.formats.errors import ConfigError
 
 Split = Literal["seen", "heldout"]
 Maker = Callable[[random.Random], tuple[str, str]]

@@ -1,18 +1,19 @@
-"""Heterogeneous-rank LoRA aggregation: pure functions over :class:`export.adapter.Adapter`.
+"""Heterogeneous-rank LoRA aggregation: pure functions over :class:`lorafleet.export.formats.adapter.Adapter`.
 
 * :func:`aggregate` — in memory (what the Flower server calls): ``aggregate("flexlora", adapters, n_k)``.
 * :func:`aggregate_dirs` — streamed from PEFT adapter directories, one module at a time (what
   ``lorafleet aggregate`` uses; memory bounded by one module's factors for all clients).
 * :func:`distribute` — the rank-r adapter a client of rank r receives (truncation).
-* :func:`validate_clients` — the compatibility checks, to drop a bad client update before aggregating.
 * :data:`METHODS` — the registry. A new method is one module defining ``METHOD`` (an
   :class:`AggregationMethod`: a per-module function returning ``(B, A)`` at scaling 1, a global-rank rule and
   its option names) plus its entry in :data:`_MODULES` below.
 
-Methods: ``fedavg`` (FedIT), ``hetlora`` (Cho et al., 2024), ``flexlora`` (Bai et al., 2024), ``raflora``
+Methods: ``fedavg`` (FedIT), ``hetlora`` (Cho et al., 2024, arXiv:2401.06432), ``flexlora`` (Bai et al., 2024,
+arXiv:2402.11505), ``raflora``
 (Wu et al., 2026); their modules' docstrings say exactly how PEFT scalings are treated. Errors:
-:class:`export.errors.AdapterError` for a bad client adapter, :class:`export.errors.AggregationError` for
-clients that do not fit together, bad weights, ranks or options.
+:class:`lorafleet.export.formats.errors.AdapterError` for a bad client adapter,
+:class:`lorafleet.export.formats.errors.AggregationError` for clients that do not fit together, bad weights, ranks or
+options.
 """
 
 from __future__ import annotations
@@ -22,17 +23,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from export.adapter import Adapter, LoraPair, truncate
-from export.errors import AdapterError, AggregationError
-from server.aggregation import engine, fedavg, flexlora, hetlora, raflora
-from server.aggregation.common import AggregationMethod, check_finite, specs_of, validate_clients
-from server.aggregation.streaming import LazyAdapter, open_clients
+from lorafleet.export.formats.adapter import Adapter, LoraPair, truncate
+from lorafleet.export.formats.errors import AdapterError, AggregationError
+from lorafleet.server.aggregation import engine, fedavg, flexlora, hetlora, raflora
+from lorafleet.server.aggregation.common import AggregationMethod, check_finite, specs_of
+from lorafleet.server.aggregation.streaming import LazyAdapter, open_clients
 
 _MODULES = (fedavg, hetlora, flexlora, raflora)
 METHODS: dict[str, AggregationMethod] = {m.METHOD.name: m.METHOD for m in _MODULES}
 
 __all__ = ["METHODS", "AggregationMethod", "LazyAdapter", "aggregate", "aggregate_dirs", "distribute",
-           "get_method", "validate_clients"]
+           "get_method"]
 
 
 def get_method(name: str) -> AggregationMethod:
@@ -61,15 +62,15 @@ def aggregate(method: str, adapters: Sequence[Adapter], weights: Sequence[float]
 def aggregate_dirs(method: str, paths: Sequence[str | Path], weights: Sequence[float] | None = None, *,
                    rank: int | None = None, max_update_norm: float | None = None, **options: Any) -> Adapter:
     """:func:`aggregate` over PEFT adapter directories, streamed module by module (see
-    :mod:`server.aggregation.streaming`). Every client is validated from its header before any value is read.
+    :mod:`lorafleet.server.aggregation.streaming`). Every client is validated from its header before any value is read.
 
     Clients are untrusted: one whose ‖ΔW‖_F (over all its modules) exceeds ``max_update_norm`` is refused —
-    by default a root-mean-square change of :data:`server.bounds.DEFAULT_MAX_DELTA_RMS` per base weight,
+    by default a root-mean-square change of :data:`lorafleet.server.bounds.DEFAULT_MAX_DELTA_RMS` per base weight,
     ``math.inf`` to switch the bound off — and a result that is not finite is never returned
-    (:func:`server.bounds.finite_adapter`)."""
+    (:func:`lorafleet.server.bounds.finite_adapter`)."""
     from contextlib import ExitStack
 
-    from server import bounds
+    from lorafleet.server import bounds
 
     m = get_method(method)
     if not paths:
@@ -97,7 +98,7 @@ def aggregate_dirs(method: str, paths: Sequence[str | Path], weights: Sequence[f
 
 def check_output(adapter: Adapter) -> None:
     """Raise :class:`AggregationError` unless ``adapter`` is finite (factors and every ΔW in float32)."""
-    from server.bounds import finite_adapter
+    from lorafleet.server.bounds import finite_adapter
 
     verdict = finite_adapter(adapter)
     if not verdict.finite:

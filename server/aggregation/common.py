@@ -1,10 +1,10 @@
 """Pieces every aggregation method shares: the method record, client weights, scalings, and client checks.
 
-A method works on one target module at a time. It receives every client's :class:`~export.adapter.LoraPair`
-for that module (each with its own PEFT scaling s_k) and the normalized client weights, and returns factors
-``(B, A)`` of the global update at scaling 1 (ΔW = B @ A, the scalings already folded in). The engine
-(:mod:`server.aggregation.engine`) then re-expresses that at the output's PEFT scaling, so a method never
-deals with ``lora_alpha``.
+A method works on one target module at a time. It receives every client's
+:class:`~lorafleet.export.formats.adapter.LoraPair` for that module (each with its own PEFT scaling s_k) and the
+normalized client weights, and returns factors ``(B, A)`` of the global update at scaling 1 (ΔW = B @ A, the scalings
+already folded in). The engine (:mod:`lorafleet.server.aggregation.engine`) then re-expresses that at the output's PEFT
+scaling, so a method never deals with ``lora_alpha``.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from export.adapter import Adapter, LoraPair, scaling_for
-from export.errors import AdapterError, AggregationError
+from lorafleet.export.formats.adapter import Adapter, LoraPair, scaling_for
+from lorafleet.export.formats.errors import AdapterError, AggregationError
 
 if TYPE_CHECKING:
     import torch
@@ -31,7 +31,7 @@ RankRule = Callable[[str, Sequence[int], int | None, int], int]
 
 @dataclass(frozen=True)
 class AggregationMethod:
-    """One registered aggregation method (see :data:`server.aggregation.METHODS`)."""
+    """One registered aggregation method (see :data:`lorafleet.server.aggregation.METHODS`)."""
 
     name: str
     summary: str
@@ -97,19 +97,6 @@ def check_finite(adapter: Adapter, origin: str) -> None:
     for name, p in adapter.modules.items():
         if not (torch.isfinite(p.lora_A).all() and torch.isfinite(p.lora_B).all()):
             raise AdapterError(f"{origin}: module {name} has NaN or Inf values")
-
-
-def validate_clients(adapters: Sequence[Adapter], origins: Sequence[str] | None = None) -> None:
-    """Check that client adapters can be aggregated together: same target modules and base shapes, finite
-    values, every rank ≤ min(out, in). Raises :class:`AdapterError` for a bad client (naming it) and
-    :class:`AggregationError` for clients that disagree with the first one. Use it to drop a client's update
-    before aggregating, e.g. ``validate_clients([global_adapter, update])``."""
-    origins = list(origins) if origins is not None else [f"client {i + 1}" for i in range(len(adapters))]
-    if len(origins) != len(adapters):
-        raise AggregationError(f"got {len(origins)} names for {len(adapters)} client adapters")
-    for adapter, origin in zip(adapters, origins, strict=True):
-        check_finite(adapter, origin)
-    check_specs([specs_of(a) for a in adapters], origins)
 
 
 def folded(pair: LoraPair, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,9 +9,9 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from export.adapter import Adapter, LoraPair
-from export.errors import AggregationError
-from server.aggregation.common import (
+from lorafleet.export.formats.adapter import Adapter, LoraPair
+from lorafleet.export.formats.errors import AggregationError
+from lorafleet.server.aggregation.common import (
     AggregationMethod,
     ModuleSpec,
     check_positive_rank,
@@ -58,8 +58,8 @@ def _output_dtype(pairs: Sequence[LoraPair]) -> Any:
 def _output_config(first: Mapping[str, Any], modules: Mapping[str, LoraPair], use_rslora: bool) -> dict[str, Any]:
     """The first client's PEFT metadata with ``r`` / ``lora_alpha`` of the largest module.
 
-    Modules may differ in rank and scaling; :func:`export.adapter.write_adapter` derives the exact ``r``,
-    ``lora_alpha``, ``rank_pattern`` and ``alpha_pattern`` from the modules when the adapter is written.
+    Modules may differ in rank and scaling; :func:`lorafleet.export.formats.adapter.write_adapter` derives the exact
+    ``r``, ``lora_alpha``, ``rank_pattern`` and ``alpha_pattern`` from the modules when the adapter is written.
     """
     big = max(modules.values(), key=lambda p: p.r)
     alpha = big.scaling * (big.r ** 0.5 if use_rslora else big.r)

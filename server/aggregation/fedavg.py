@@ -5,7 +5,7 @@ All clients must have the same rank. lora_A and lora_B are averaged separately w
 weights w_k = n_k / Σ n_j:  B = Σ w_k s_k B_k,  A = Σ w_k A_k,  ΔW = B @ A.
 
 Scalings: each client's PEFT scaling s_k is folded into its lora_B before averaging (the same convention as
-:func:`export.adapter.rescale`). When every client has the same scaling s this is exactly the textbook
+:func:`lorafleet.export.formats.adapter.rescale`). When every client has the same scaling s this is exactly the textbook
 FedAvg ``s · (Σ w_k B_k)(Σ w_k A_k)``; when clients used different ``lora_alpha`` the result does not depend
 on how each client chose to express its own ΔW_k = s_k B_k A_k through alpha.
 """
@@ -15,9 +15,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from export.adapter import LoraPair
-from export.errors import AggregationError
-from server.aggregation.common import AggregationMethod, equal_ranks, folded
+from lorafleet.export.formats.adapter import LoraPair
+from lorafleet.export.formats.errors import AggregationError
+from lorafleet.server.aggregation.common import AggregationMethod, equal_ranks, folded
 
 if TYPE_CHECKING:
     import torch

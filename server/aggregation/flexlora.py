@@ -7,7 +7,7 @@ B = U_R S_R, A = V_Rᵀ (the official code's split, and PEFT's ``add_weighted_ad
 A client of rank r receives the first r components, which is exactly the rank-r truncated SVD of W.
 
 Where lorafleet differs from the official code: it does not materialize W nor take a full SVD. While
-Σ r_k ≤ min(out, in) it works in the factored space (:mod:`server.aggregation.lowrank`: QR of the stacked
+Σ r_k ≤ min(out, in) it works in the factored space (:mod:`lorafleet.server.aggregation.lowrank`: QR of the stacked
 factors [w_k s_k B_k] and [A_k], SVD of the small core); beyond that it computes only the top R triplets by
 block Krylov iteration on the factored operator, certified by their residual, and falls back to forming W
 once (top R of the smaller Gram matrix's eigendecomposition) when they are not. Scalings are exact: s_k
@@ -19,9 +19,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from export.adapter import LoraPair
-from server.aggregation.common import AggregationMethod, folded
-from server.aggregation.lowrank import Solver, truncated_svd_of_sum
+from lorafleet.export.formats.adapter import LoraPair
+from lorafleet.server.aggregation.common import AggregationMethod, folded
+from lorafleet.server.aggregation.lowrank import Solver, truncated_svd_of_sum
 
 if TYPE_CHECKING:
     import torch

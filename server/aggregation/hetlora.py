@@ -7,7 +7,7 @@ with zero rows, lora_B with zero columns) and averaged with sparsity weights
     p_k = ‖ΔW_k‖_F / Σ_j ‖ΔW_j‖_F,     ΔW_k = s_k B_k A_k,
 
 optionally multiplied by the client weights n_k (``use_weights=True``) and renormalized. A client of rank r
-then receives the first r components (:func:`server.aggregation.distribute`).
+then receives the first r components (:func:`lorafleet.server.aggregation.distribute`).
 
 Choices lorafleet makes where the paper is silent:
 
@@ -27,9 +27,9 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from export.adapter import LoraPair
-from export.errors import AggregationError
-from server.aggregation.common import AggregationMethod, folded
+from lorafleet.export.formats.adapter import LoraPair
+from lorafleet.export.formats.errors import AggregationError
+from lorafleet.server.aggregation.common import AggregationMethod, folded
 
 if TYPE_CHECKING:
     import torch

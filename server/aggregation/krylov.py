@@ -31,7 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from export.errors import AggregationError
+from lorafleet.export.formats.errors import AggregationError
 
 if TYPE_CHECKING:
     import numpy as np

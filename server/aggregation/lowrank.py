@@ -17,7 +17,7 @@ Solvers:
   never formed and no full-size SVD is taken.
 * ``krylov`` (used when K > min(out, in), where the stacks have no low-rank factorization to exploit): the
   top R triplets by block Krylov iteration on the factored operator W x = P (Q x), never forming W
-  (:mod:`server.aggregation.krylov`), accepted only with a certified residual ‖Wᵀ U − V S‖_F ≤ tol · σ_1;
+  (:mod:`lorafleet.server.aggregation.krylov`), accepted only with a certified residual ‖Wᵀ U − V S‖_F ≤ tol · σ_1;
   when it does not converge within its budget the exact ``gram`` path below is taken instead.
 * ``gram`` (the exact path beyond min(out, in)): W is formed once by one GEMM, then the top R eigenpairs of
   the smaller Gram matrix (WᵀW or WWᵀ, min(out, in) square) in float64 give the singular vectors (LAPACK
@@ -35,8 +35,8 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Literal
 
-from export.errors import AggregationError
-from server.aggregation.krylov import KrylovSettings, top_singular
+from lorafleet.export.formats.errors import AggregationError
+from lorafleet.server.aggregation.krylov import KrylovSettings, top_singular
 
 if TYPE_CHECKING:
     import torch

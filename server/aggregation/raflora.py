@@ -16,11 +16,11 @@ that trained it. lorafleet's definition, per target module:
     ΔW   = Σ_p ΔW_p,
 
 and the global adapter is the rank-R truncated SVD of ΔW (R = max r_k by default), B = U_R S_R, A = V_Rᵀ,
-exactly as FlexLoRA keeps it (:mod:`server.aggregation.flexlora`): a client of rank r receives the first r
+exactly as FlexLoRA keeps it (:mod:`lorafleet.server.aggregation.flexlora`): a client of rank r receives the first r
 components, the rank-r truncated SVD of ΔW. Every client's components each lie in one partition it
 covers, so ΔW is again a sum of low-rank products, Σ_k (s_k B_k D_k) A_k with D_k = diag of the
 per-component weights w_k / Σ_{j∈C_{p(i)}} w_j, and it goes through the same solver as FlexLoRA
-(:func:`server.aggregation.lowrank.truncated_svd_of_sum`: factored QR + core SVD, or the top-R solver
+(:func:`lorafleet.server.aggregation.lowrank.truncated_svd_of_sum`: factored QR + core SVD, or the top-R solver
 beyond min(out, in)); ΔW (out × in) is never formed while Σ r_k ≤ min(out, in).
 
 Choices lorafleet makes where the definition above leaves room:
@@ -40,10 +40,10 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from export.adapter import LoraPair
-from server.aggregation import flexlora
-from server.aggregation.common import AggregationMethod
-from server.aggregation.lowrank import Solver, truncated_svd_of_sum
+from lorafleet.export.formats.adapter import LoraPair
+from lorafleet.server.aggregation import flexlora
+from lorafleet.server.aggregation.common import AggregationMethod
+from lorafleet.server.aggregation.lowrank import Solver, truncated_svd_of_sum
 
 if TYPE_CHECKING:
     import torch

@@ -17,15 +17,15 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from export.adapter import (  # the private helpers keep one definition of the format's rules
-    _KEY,
+from lorafleet.export.formats.adapter import (  # the private helpers keep one definition of the format's rules
+    LORA_KEY,
     LoraPair,
     _read_config,
     adapter_from_state_dict,
     weights_file,
 )
-from export.errors import AdapterError
-from server.aggregation.common import ModuleSpec
+from lorafleet.export.formats.errors import AdapterError
+from lorafleet.server.aggregation.common import ModuleSpec
 
 _DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
@@ -85,7 +85,7 @@ class LazyAdapter:
                 for k, (shape, dt) in header.items()}
         adapter = adapter_from_state_dict(meta, self.config, check_finite=False, origin=str(self.path))
         for key in header:
-            m = _KEY.match(key)
+            m = LORA_KEY.match(key)
             assert m is not None  # adapter_from_state_dict accepted every key
             a, b = self._keys.get(m["module"], ("", ""))
             self._keys[m["module"]] = (key, b) if m["which"] == "A" else (a, key)

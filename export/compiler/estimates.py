@@ -1,0 +1,82 @@
+"""Per-rank training cost estimates stored in the manifest: peak memory and FLOPs of one training step.
+
+Memory follows the LoRA training-memory formula of docs/device-sources.md §3b (LLaMA-style decoder, SwiGLU, GQA), at
+the precision the package's programs run in (fp32 weights and activations, no activation checkpointing)::
+
+    M = M_W + M_LoRA(r) + M_act(s, b, r) + M_attn(s, b) + M_logits(s, b) + M_runtime
+    M_W      = P_base · 4                                    frozen fp32 weights
+    M_LoRA   = P_lora(r) · 16                                fp32 adapter + grad + AdamW m, v
+    P_lora   = r · L · Σ_targets (in + out)
+    M_act    = s·b·L · [(4h + 2·nh·hd + 2·nkv·hd + 2h) + (2h + 4I) + n_targets·r] · 4
+               (the §3b per-layer tensors, fp32; the n_targets·r term keeps A·x for dB)
+    M_attn   = s²·b·L·nh · 2 · 4                              eager attention keeps scores and probabilities
+    M_logits = s·b·V · 12                                    fp32 logits, log-softmax, logits grad
+    M_runtime = 10 % of the rest                             allocator and framework overhead
+
+FLOPs follow the usual count (Kaplan et al. 2020, arXiv:2001.08361; docs/device-sources.md §3b: ≈ 4·P + 6·P_lora per
+token for LoRA, frozen weights need no weight gradient)::
+
+    FLOPs/step = s·b · (4·P_matmul + 6·P_lora(r) + 12·L·s·nh·hd)
+
+with ``P_matmul`` the weights used in matrix products (every decoder linear plus the LM head; the embedding
+lookup costs none) and the last term the two attention products (QKᵀ and AV: 4·s·nh·hd per token and layer
+forward, twice that backward). ``tests/test_export_lora.py`` checks it against ``torch.utils.flop_counter``
+(it over-counts by the layer-0 input gradient autograd skips, ~1/L of the backward). These are
+estimates for planning (rank choice); ``bench/export.py`` measures real steps.
+"""
+
+from __future__ import annotations
+
+from lorafleet.export.formats.manifest import Estimates, ModelSection
+
+WEIGHT_BYTES = 4  # fp32 programs
+ACT_BYTES = 4
+LORA_BYTES_PER_PARAM = 16  # adapter 4 + grad 4 + AdamW moments 8
+LOGITS_BYTES = 12
+RUNTIME_OVERHEAD = 0.10
+
+
+def lora_parameters(model: ModelSection, target_modules: list[str], r: int) -> int:
+    """``r · L · Σ_targets (in + out)``: trainable parameters of rank ``r``."""
+    return r * model.num_layers * sum(sum(model.module_shapes[t]) for t in target_modules)
+
+
+def _head_dim(model: ModelSection) -> int:
+    q_out = model.module_shapes.get("q_proj", [model.hidden_size])[0]
+    return q_out // model.num_attention_heads
+
+
+def training_memory(model: ModelSection, target_modules: list[str], r: int, seq_len: int,
+                    batch_size: int) -> dict[str, int]:
+    """The terms of the peak-memory formula, in bytes (see the module docstring)."""
+    h, inter, L = model.hidden_size, model.intermediate_size, model.num_layers
+    nh, nkv, hd = model.num_attention_heads, model.num_key_value_heads, _head_dim(model)
+    tokens = seq_len * batch_size
+    per_layer = (4 * h + 2 * nh * hd + 2 * nkv * hd + 2 * h) + (2 * h + 4 * inter) + len(target_modules) * r
+    terms = {
+        "weights": model.num_parameters * WEIGHT_BYTES,
+        "lora": lora_parameters(model, target_modules, r) * LORA_BYTES_PER_PARAM,
+        "activations": tokens * L * per_layer * ACT_BYTES,
+        "attention": seq_len * seq_len * batch_size * L * nh * 2 * ACT_BYTES,
+        "logits": tokens * model.vocab_size * LOGITS_BYTES,
+    }
+    terms["runtime"] = int(RUNTIME_OVERHEAD * sum(terms.values()))
+    return terms
+
+
+def flops_per_step(model: ModelSection, target_modules: list[str], r: int, seq_len: int, batch_size: int) -> int:
+    """Forward + backward FLOPs of one training step (see the module docstring)."""
+    shapes = model.module_shapes
+    linear = model.num_layers * sum(out * inp for out, inp in shapes.values())
+    p_matmul = linear + model.hidden_size * model.vocab_size
+    attention = 12 * model.num_layers * seq_len * model.num_attention_heads * _head_dim(model)
+    per_token = 4 * p_matmul + 6 * lora_parameters(model, target_modules, r) + attention
+    return seq_len * batch_size * per_token
+
+
+def estimate(model: ModelSection, target_modules: list[str], r: int, seq_len: int, batch_size: int) -> Estimates:
+    """The manifest's ``estimates`` entry for rank ``r``."""
+    terms = training_memory(model, target_modules, r, seq_len, batch_size)
+    return Estimates(training_peak_memory_bytes=sum(terms.values()),
+                     flops_per_step=flops_per_step(model, target_modules, r, seq_len, batch_size),
+                     memory_breakdown=terms)

