@@ -182,8 +182,8 @@ def judge(result: Any, expectations: Sequence[Any], base_metrics: dict[str, floa
         else:
             typer.echo(f"expectation failed: {o.message}", err=True)
     failed = sum(not o.passed for o in outcomes)
-    typer.echo(f"expectations: {len(outcomes) - failed} passed, {failed} failed; "
-               f"{result.out / JUNIT_XML}, {result.out / SUMMARY_JSON}")
+    verdict = f"expectations: {len(outcomes) - failed} passed, {failed} failed" if outcomes else "no expectations"
+    typer.echo(f"{verdict}; metrics for CI in {result.out / JUNIT_XML}, {result.out / SUMMARY_JSON}")
     return failed
 
 
