@@ -1,7 +1,9 @@
 """The reference backend: eager PyTorch + PEFT LoRA on the package's foundation model.
 
 The base model comes from the manifest's model spec through :func:`lorafleet.export.compiler.models.load_model` (fp32,
-eager attention, as the programs were exported); the LoRA heads are attached, read and loaded by the compiler's
+eager attention, as the programs were exported), quantized as the manifest's ``quantize`` says (the compiler's
+deterministic :func:`lorafleet.export.compiler.quantize.quantize_model`: the programs' bytes); the LoRA heads are
+attached, read and loaded by the compiler's
 own :mod:`lorafleet.export.compiler.lora` (one copy of PEFT's wrapping: the manifest's ``target_modules`` at the
 rank with its ``lora_alpha``, no dropout). Loss and optimizer are the shared recipe of
 :mod:`lorafleet.edge_client.backends.base`.
@@ -14,6 +16,7 @@ from typing import TYPE_CHECKING
 from lorafleet.edge_client.backends.base import AdamW, OptimizerConfig, check_rank
 from lorafleet.export.formats.adapter import Adapter
 from lorafleet.export.formats.program import LoraSpec
+from lorafleet.export.formats.quantization import Quantization
 
 if TYPE_CHECKING:
     from lorafleet.edge_client.data import Batch
@@ -24,13 +27,19 @@ class TorchBackend:
     name = "torch"
 
     def __init__(self, model_spec: str, target_modules: list[str], rank: int, lora_alpha: float, *,
-                 use_rslora: bool = False, optimizer: OptimizerConfig | None = None, seed: int = 0):
+                 use_rslora: bool = False, optimizer: OptimizerConfig | None = None, seed: int = 0,
+                 quantize: str = "none"):
         from lorafleet.export.compiler.lora import attach_lora, lora_modules
         from lorafleet.export.compiler.models import load_model
 
         self.rank, self.model_spec = rank, model_spec
         self.spec = LoraSpec(rank, tuple(sorted(target_modules)), float(lora_alpha), use_rslora)
         base = load_model(model_spec, attn_implementation="eager", with_tokenizer=False).model
+        quantization = Quantization.parse(quantize)
+        if quantization.enabled:  # the package's quantized base: the same bytes its programs compute with
+            from lorafleet.export.compiler.quantize import quantize_model
+
+            quantize_model(base, quantization)
         self.model = attach_lora(base, self.spec, seed=seed)
         self.model.train()
         layers = lora_modules(self.model)  # adapter module name -> PEFT LoRA layer
@@ -42,7 +51,7 @@ class TorchBackend:
     def from_package(cls, package: Package, rank: int, optimizer: OptimizerConfig) -> TorchBackend:
         m = package.manifest
         backend = cls(m.model.spec, m.target_modules, rank, m.lora_alpha, use_rslora=m.use_rslora,
-                      optimizer=optimizer)
+                      optimizer=optimizer, quantize=m.quantize)
         backend.load_adapter(package.initial_adapter(rank))
         return backend
 

@@ -47,14 +47,16 @@ def _head_dim(model: ModelSection) -> int:
 
 
 def training_memory(model: ModelSection, target_modules: list[str], r: int, seq_len: int,
-                    batch_size: int) -> dict[str, int]:
-    """The terms of the peak-memory formula, in bytes (see the module docstring)."""
+                    batch_size: int, weight_bytes: int | None = None) -> dict[str, int]:
+    """The terms of the peak-memory formula, in bytes (see the module docstring). ``weight_bytes`` replaces
+    ``M_W`` for a quantized base (its stored bytes, the fp32 rest and one dequantized working set:
+    :class:`lorafleet.export.compiler.quantize.QuantizedSummary`)."""
     h, inter, L = model.hidden_size, model.intermediate_size, model.num_layers
     nh, nkv, hd = model.num_attention_heads, model.num_key_value_heads, _head_dim(model)
     tokens = seq_len * batch_size
     per_layer = (4 * h + 2 * nh * hd + 2 * nkv * hd + 2 * h) + (2 * h + 4 * inter) + len(target_modules) * r
     terms = {
-        "weights": model.num_parameters * WEIGHT_BYTES,
+        "weights": model.num_parameters * WEIGHT_BYTES if weight_bytes is None else int(weight_bytes),
         "lora": lora_parameters(model, target_modules, r) * LORA_BYTES_PER_PARAM,
         "activations": tokens * L * per_layer * ACT_BYTES,
         "attention": seq_len * seq_len * batch_size * L * nh * 2 * ACT_BYTES,
@@ -74,9 +76,10 @@ def flops_per_step(model: ModelSection, target_modules: list[str], r: int, seq_l
     return seq_len * batch_size * per_token
 
 
-def estimate(model: ModelSection, target_modules: list[str], r: int, seq_len: int, batch_size: int) -> Estimates:
+def estimate(model: ModelSection, target_modules: list[str], r: int, seq_len: int, batch_size: int, *,
+             weight_bytes: int | None = None) -> Estimates:
     """The manifest's ``estimates`` entry for rank ``r``."""
-    terms = training_memory(model, target_modules, r, seq_len, batch_size)
+    terms = training_memory(model, target_modules, r, seq_len, batch_size, weight_bytes)
     return Estimates(training_peak_memory_bytes=sum(terms.values()),
                      flops_per_step=flops_per_step(model, target_modules, r, seq_len, batch_size),
                      memory_breakdown=terms)

@@ -47,8 +47,8 @@ from lorafleet.export.formats.errors import AdapterError, ConfigError, PackageEr
 from lorafleet.export.formats.manifest import MANIFEST_FILE, RUNTIMES, Manifest
 from lorafleet.export.formats.package import PackageSpec, RankRecord, write_package
 from lorafleet.export.formats.program import LoraSpec
+from lorafleet.export.formats.quantization import Quantization
 
-QUANTIZE = ("none",)
 VERIFY_SEED = 0
 
 
@@ -85,8 +85,7 @@ class ExportConfig:
                 raise ConfigError(f"runtimes: unknown runtime {rt!r} (known: {', '.join(RUNTIMES)})")
         if len(set(self.runtimes)) != len(self.runtimes):
             raise ConfigError(f"runtimes: duplicate runtime in {list(self.runtimes)}")
-        if self.quantize not in QUANTIZE:
-            raise ConfigError(f"quantize: unknown mode {self.quantize!r} (known: {', '.join(QUANTIZE)})")
+        object.__setattr__(self, "quantize", str(Quantization.parse(self.quantize)))
         if not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
             raise ConfigError(f"lora_alpha must be a positive number, got {self.lora_alpha}")
         if self.seq_len < 2:
@@ -95,6 +94,10 @@ class ExportConfig:
             raise ConfigError(f"batch_size must be at least 1, got {self.batch_size}")
         object.__setattr__(self, "ranks", tuple(sorted(self.ranks)))
         object.__setattr__(self, "out", Path(self.out))
+
+    @property
+    def quantization(self) -> Quantization:
+        return Quantization.parse(self.quantize)
 
     def lora(self, r: int) -> LoraSpec:
         return LoraSpec(r, self.target_modules, self.lora_alpha)
@@ -135,10 +138,27 @@ def read_init_adapter(cfg: ExportConfig) -> Adapter | None:
 
 
 def load(cfg: ExportConfig) -> Any:
-    """The foundation model, fp32, eager attention (SDPA's backward is not core ATen)."""
+    """The foundation model, fp32, eager attention (SDPA's backward is not core ATen); with its tokenizer
+    when the base is quantized (the quality check reads a fixed text)."""
     from lorafleet.export.compiler.models import load_model
 
-    return load_model(cfg.model, attn_implementation="eager", with_tokenizer=False)
+    lm = load_model(cfg.model, attn_implementation="eager", with_tokenizer=cfg.quantization.enabled)
+    if cfg.quantization.enabled:
+        from lorafleet.export.compiler.quantize import check_quantizable
+
+        check_quantizable(lm.model, cfg.quantization)
+    return lm
+
+
+def quantize_base(model: Any, q: Quantization, tokenizer: Any, seq_len: int) -> dict[str, Any]:
+    """Quantize ``model`` in place; the manifest's ``quantization`` section (what was quantized, the stored
+    bytes, the weight memory of a step, and what it costs against fp32 on a fixed text)."""
+    from lorafleet.export.compiler.quantize import quality_probe, quantize_model
+
+    probe = quality_probe(model, tokenizer, seq_len)
+    summary = quantize_model(model, q)
+    assert summary is not None
+    return {**summary.to_dict(), "against_fp32": probe.finish(model)}  # weight_memory_bytes: the estimates' term
 
 
 def check_targets(model: Any, cfg: ExportConfig, init: Adapter | None) -> dict[str, tuple[int, int]]:
@@ -226,6 +246,12 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = lambda _msg: None
     section = lm.info
     batch = example_batch(section.vocab_size, cfg.batch_size, cfg.seq_len, seed=VERIFY_SEED)
     model = lm.model
+    quantization: dict[str, Any] = {}
+    if cfg.quantization.enabled:
+        log(f"quantize the base weights ({cfg.quantize})")
+        t0 = time.perf_counter()
+        quantization = quantize_base(model, cfg.quantization, lm.tokenizer, cfg.seq_len)
+        seconds["quantize"] = time.perf_counter() - t0
     with write_package(cfg.out, overwrite=cfg.force) as writer, contextlib.ExitStack() as stack:
         ctx = RankContext(writer, batch, seconds, log, modules=frozenset(shapes))
         if "onnx" in cfg.runtimes:
@@ -248,11 +274,13 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = lambda _msg: None
             checks += et_checks
         raise_if_failed(checks)
         t1 = time.perf_counter()
+        weights = quantization.get("weight_memory_bytes")
         records = [RankRecord(r, trainable_parameters(shapes, r),
-                              estimate(section, list(cfg.target_modules), r, cfg.seq_len, cfg.batch_size))
+                              estimate(section, list(cfg.target_modules), r, cfg.seq_len, cfg.batch_size,
+                                       weight_bytes=weights))
                    for r in cfg.ranks]
         spec = PackageSpec(section, sorted(cfg.target_modules), cfg.lora_alpha, cfg.seq_len, cfg.batch_size,
-                           list(cfg.runtimes), cfg.quantize)
+                           list(cfg.runtimes), cfg.quantize, quantization=quantization)
         manifest = writer.finish(spec, records, verification_section(
             checks, batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=VERIFY_SEED))
         seconds["save"] = time.perf_counter() - t1

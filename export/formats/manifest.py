@@ -137,6 +137,7 @@ class Manifest:
     shared_files: dict[str, FileEntry]  # files no single rank owns (the foundations)
     verification: dict[str, Any]
     created_by: str = "lorafleet"
+    quantization: dict[str, Any] = field(default_factory=dict)  # empty for an fp32 base (see compiler.quantize)
     manifest_sha256: str = ""  # set by to_json(): the digest of everything above
 
     def rank(self, r: int) -> RankArtifacts:
@@ -315,7 +316,21 @@ def _sha256(s: str) -> str:
     return s
 
 
+def _quantize(s: str) -> str:
+    from lorafleet.export.formats.errors import ConfigError
+    from lorafleet.export.formats.quantization import Quantization
+
+    try:
+        canonical = str(Quantization.parse(s))
+    except ConfigError as exc:
+        raise invalid(str(exc)) from None
+    if canonical != s:
+        raise invalid(f"quantize {s!r} is not written canonically (expected {canonical!r})")
+    return s
+
+
 RelPath = Annotated[str, AfterValidator(_relative)]
+Quantize = Annotated[str, AfterValidator(_quantize)]
 Bytes = Annotated[int, _within(0, LIMITS["bytes"])]
 Shape = Annotated[list[int], Field(min_length=2, max_length=2)]  # [out, in]
 
@@ -402,7 +417,7 @@ class _ManifestKeys(_Keys):
     seq_len: int
     batch_size: int
     runtimes: list[str]
-    quantize: str
+    quantize: Quantize
     onnx_labels: str
     executorch_foundation: RelPath | None = None
     onnx_foundation: RelPath | None = None
@@ -410,6 +425,7 @@ class _ManifestKeys(_Keys):
     shared_files: Files
     verification: dict[str, Any]
     created_by: Any = "lorafleet"  # informative only: taken as its str(), as it always was
+    quantization: dict[str, Any] = {}
     manifest_sha256: str
 
     def build(self) -> Manifest:
@@ -421,7 +437,8 @@ class _ManifestKeys(_Keys):
             onnx_foundation=self.onnx_foundation, ranks=list(self.ranks),
             artifacts={k: a.build() for k, a in self.artifacts.items()},
             shared_files={n: e.build() for n, e in self.shared_files.items()}, verification=dict(self.verification),
-            created_by=str(self.created_by), manifest_sha256=self.manifest_sha256)
+            created_by=str(self.created_by), quantization=dict(self.quantization),
+            manifest_sha256=self.manifest_sha256)
 
 
 def _checked(model: type[K], data: Any, origin: str) -> K:

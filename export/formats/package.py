@@ -188,6 +188,7 @@ class PackageSpec:
     quantize: str = "none"
     onnx_labels: str = "unshifted"
     use_rslora: bool = False
+    quantization: dict[str, Any] = field(default_factory=dict)  # the compiler's record of a quantized base
 
 
 @dataclass(frozen=True)
@@ -242,7 +243,7 @@ class PackageWriter:
             format_version=FORMAT_VERSION, model=spec.model, target_modules=list(spec.target_modules),
             lora_alpha=spec.lora_alpha, use_rslora=spec.use_rslora, seq_len=spec.seq_len,
             batch_size=spec.batch_size, runtimes=list(spec.runtimes), quantize=spec.quantize,
-            onnx_labels=spec.onnx_labels,
+            quantization=dict(spec.quantization), onnx_labels=spec.onnx_labels,
             executorch_foundation=EXECUTORCH_FOUNDATION if EXECUTORCH_FOUNDATION in shared else None,
             onnx_foundation=ONNX_FOUNDATION if ONNX_FOUNDATION in shared else None,
             ranks=[rec.r for rec in ranks], artifacts=artifacts, shared_files=shared,

@@ -25,6 +25,17 @@ ARTIFACT_FILES = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onn
 ADAMW = {"betas": (0.9, 0.999), "eps": 1e-6, "weight_decay": 0.0}  # onnxblock.optim.AdamW defaults
 
 
+def session_options() -> Any:
+    """ORT session options of every lorafleet session: constant folding off, so a quantized base's
+    dequantization runs in each step (from the stored bytes) instead of being folded into fp32 weights held in
+    memory at load; an fp32 package has nothing it would fold (its weights are stored pre-transposed)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.add_session_config_entry("optimization.disable_specified_optimizers", "ConstantFolding")
+    return opts
+
+
 def quiet_onnxruntime() -> None:
     """ORT logs a warning per unfoldable node while building graphs; keep errors only."""
     import onnxruntime
@@ -87,7 +98,8 @@ class OnnxTrainer:
         quiet_onnxruntime()
         self._state = CheckpointState.load_checkpoint(str(self.dir / "checkpoint"))
         eval_model = str(self.dir / "eval_model.onnx") if self.with_eval else None
-        self._module = Module(str(self.dir / "training_model.onnx"), self._state, eval_model)
+        self._module = Module(str(self.dir / "training_model.onnx"), self._state, eval_model,
+                              session_options=session_options())
         self._optimizer = Optimizer(str(self.dir / "optimizer_model.onnx"), self._module)
         self._optimizer.set_learning_rate(self.lr)
         self._stepped = False  # AdamW moments are still zero

@@ -1,7 +1,8 @@
 """`lorafleet export`: compile a model and LoRA heads at several ranks into a verified edge package.
 
     lorafleet export MODEL --ranks 4,8,16,32 --target-modules q_proj,v_proj [--lora-alpha A] [--seq-len T]
-        [--batch-size B] [--adapter DIR] [--runtimes executorch,onnx] [--quantize none|...] [--force] --out PKG
+        [--batch-size B] [--adapter DIR] [--runtimes executorch,onnx] [--quantize none|int8|int4|int4:G]
+        [--force] --out PKG
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ def export(
     adapter: Annotated[Path | None, typer.Option("--adapter", help="PEFT adapter every rank starts from.")] = None,
     runtimes: Annotated[Any, typer.Option("--runtimes", click_type=NAMES,
                                           help="executorch, onnx or both.")] = "executorch,onnx",
-    quantize: Annotated[str, typer.Option("--quantize", help="Base-weight quantization (inference).")] = "none",
+    quantize: Annotated[str, typer.Option(
+        "--quantize", help="Frozen-base storage: none (fp32), int8 (per output channel) or int4[:G] (groups of G "
+                           "inputs, default 32); every linear, the embedding and the LM head.")] = "none",
     force: Annotated[bool, typer.Option("--force", help="Replace an existing package at --out.")] = False,
 ) -> None:
     """Compile a model and LoRA heads into an edge package for ExecuTorch and ONNX Runtime."""

@@ -229,3 +229,96 @@ def unshare_constants(ep: ExportedProgram, keep_inside: set[str]) -> int:
     if changed:
         ep.graph_signature.input_specs = new_specs
     return _finish(ep, changed)
+
+
+def rematerialize_constant_subgraphs(ep: ExportedProgram, trainable: set[str]) -> int:
+    """Recompute every value derived from frozen constants alone right before each of its users.
+
+    A quantized base dequantizes its weights in the graph (``lorafleet.export.compiler.quantize``). Autograd's
+    joint graph computes each dequantized weight once, in the forward, and reads it again in the backward
+    (``dL/dx = dL/dy · W``): the memory plan then keeps every layer's fp32 weight alive from the forward to the
+    backward — the whole model dequantized. Giving each user its own copy of the (cheap, element-wise)
+    dequantization makes every fp32 weight live only from its copy to its one user: at most one layer's
+    weight at a time.
+
+    Before::
+
+        q, s ──to_copy──mul──> w ─┬─> linear(x, w)          # forward
+                                  └─> linear(dy, wᵀ)        # backward: w alive across the whole graph
+
+    After::
+
+        q, s ──to_copy──mul──> w  ──> linear(x, w)
+        q, s ──to_copy──mul──> w' ──> linear(dy, w'ᵀ)       # recomputed just before its use
+
+    The values rematerialized are those computed from a frozen integer matrix (a quantized weight) and other
+    frozen constants (its scales) alone; frozen means a lifted parameter, buffer or constant whose fully
+    qualified name is not in ``trainable`` (the LoRA factors). An fp32 graph has none, and is left as it is.
+    Returns the number of nodes added.
+    """
+    sig = ep.graph_signature
+    constants = {**sig.inputs_to_parameters, **sig.inputs_to_buffers, **sig.inputs_to_lifted_tensor_constants}
+    graph = ep.graph_module.graph
+    frozen = {n for n in graph.nodes if n.op == "placeholder" and n.name in constants
+              and constants[n.name] not in trainable}
+    const: set[torch.fx.Node] = set(frozen)  # values computed from frozen constants alone
+    derived: set[torch.fx.Node] = set()  # ... of which an integer matrix (a quantized weight) is one
+    for node in graph.nodes:
+        if node in frozen:
+            val = node.meta.get("val")
+            if isinstance(val, torch.Tensor) and not val.dtype.is_floating_point and val.dtype != torch.bool \
+                    and val.dim() >= 2:
+                derived.add(node)
+        elif node.op == "call_function":
+            inputs = node.all_input_nodes
+            if inputs and all(i in const for i in inputs):
+                const.add(node)
+                if any(i in derived for i in inputs):
+                    derived.add(node)
+    claimed: dict[torch.fx.Node, torch.fx.Node] = {}  # derived node -> the first consumer that reads it
+    added = 0
+
+    def subtree(node: torch.fx.Node) -> list[torch.fx.Node]:
+        seen: list[torch.fx.Node] = []
+        stack = [node]
+        while stack:
+            n = stack.pop()
+            if n.op == "call_function" and n in const and n not in seen:
+                seen.append(n)
+                stack.extend(n.all_input_nodes)
+        return seen
+
+    for user in [n for n in graph.nodes if n not in const and n.op != "placeholder"]:
+        for src in [i for i in user.all_input_nodes if i in derived and i.op == "call_function"]:
+            nodes = subtree(src)
+            if all(claimed.get(n, user) is user for n in nodes):
+                for n in nodes:
+                    claimed[n] = user
+                continue
+            copies: dict[torch.fx.Node, torch.fx.Node] = {}
+
+            def copy(node: torch.fx.Node, before: torch.fx.Node = user,
+                     copies: dict[torch.fx.Node, torch.fx.Node] = copies) -> torch.fx.Node:
+                nonlocal added
+                if node.op != "call_function":
+                    return node
+                if node not in copies:
+                    args = torch.fx.map_arg(node.args, copy)
+                    kwargs = torch.fx.map_arg(node.kwargs, copy)
+                    with graph.inserting_before(before):
+                        new = graph.call_function(node.target, args, kwargs)
+                    new.meta = dict(node.meta)
+                    copies[node] = new
+                    claimed[new] = before
+                    added += 1
+                return copies[node]
+
+            user.replace_input_with(src, copy(src))
+            dead = [n for n in nodes if not n.users]
+            while dead:  # the original nodes only this user read (e.g. the backward's transpose)
+                n = dead.pop()
+                inputs = n.all_input_nodes
+                graph.erase_node(n)
+                dead += [i for i in inputs if i in const and i.op == "call_function" and not i.users
+                         and i not in dead]
+    return _finish(ep, added)

@@ -51,6 +51,7 @@ from lorafleet.export.compiler.executorch.passes import (
     cancel_transpose_pairs,
     drop_identity_ops,
     mm_to_linear,
+    rematerialize_constant_subgraphs,
     replace_empty_permuted,
     tag_delegate_constants,
     unshare_constants,
@@ -99,6 +100,7 @@ def lower_training(peft_model: Any, batch_size: int, seq_len: int, lowering: Tra
         cancel_transpose_pairs(ep)
         mm_to_linear(ep)
         preserve = [torch.ops.aten.linear.default]
+    rematerialize_constant_subgraphs(ep, trainable=pinned)  # a quantized base: dequantize again for the backward
     edge = to_edge(ep, compile_config=EdgeCompileConfig(_check_ir_validity=False, preserve_ops=preserve),
                    constant_methods={LORA_METHOD: spec.to_json()})
     if lowering.backend in ("gemm", "xnnpack"):

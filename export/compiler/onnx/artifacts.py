@@ -46,7 +46,12 @@ def export_onnx_training(loss_module: Any, example: tuple[Any, Any], out_dir: Pa
     import onnx_ir as ir
     from onnxruntime.training import artifacts
 
-    from lorafleet.export.compiler.onnx.graph import fold_weight_transposes, gather_from_transposed, strip_metadata
+    from lorafleet.export.compiler.onnx.graph import (
+        fold_weight_transposes,
+        gather_from_transposed,
+        quantized_storage,
+        strip_metadata,
+    )
 
     quiet_onnxruntime()
     model = to_onnx(loss_module, example)
@@ -57,21 +62,42 @@ def export_onnx_training(loss_module: Any, example: tuple[Any, Any], out_dir: Pa
     strip_metadata(model)
     fold_weight_transposes(model, set(names) - set(lora))
     gather_from_transposed(model)
+    storage = quantized_storage(model, skip=set(lora))  # a quantized base: kept from ORT's constant folding
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True)  # generate_artifacts does not create it
     with shared.linked_into(out_dir) as local, contextlib.chdir(out_dir):
         shared.externalize(model, out_dir, skip=set(lora), location=local)
         proto = ir.serde.serialize_model(model)
         del model
+        kept = {t.name: _copy(t) for t in proto.graph.initializer if t.name in storage or t.name in lora}
         with _native_stderr_captured() as log:
             try:
-                artifacts.generate_artifacts(proto, requires_grad=lora, frozen_params=None,
+                # ``frozen_params`` become graph inputs while the gradient graph is built (inputs are not folded);
+                # _finish_outputs turns them back into initializers of the shared file
+                artifacts.generate_artifacts(proto, requires_grad=lora, frozen_params=sorted(storage) or None,
                                              optimizer=artifacts.OptimType.AdamW, artifact_directory=".")
             except Exception as exc:
                 raise ExportError(f"ORT training artifacts failed: {str(exc).strip().splitlines()[0]} "
                                   f"({_last_line(log)})") from exc
-    _finish_outputs(out_dir, shared, local, onnx_props(spec, tuple(example[0].shape)))
+        if storage:
+            from onnxruntime.training import onnxblock
+
+            # the checkpoint holds what a rank trains; the quantized base stays in the shared file
+            onnxblock.save_checkpoint(([kept[n] for n in lora], []), "checkpoint")
+    _finish_outputs(out_dir, shared, local, onnx_props(spec, tuple(example[0].shape)),
+                    {n: kept[n] for n in storage})
     return lora
+
+
+_INTEGER_WEIGHTS = (2, 3)  # onnx.TensorProto.UINT8, INT8
+
+
+def _copy(t: Any) -> Any:
+    import onnx
+
+    c = onnx.TensorProto()
+    c.CopyFrom(t)
+    return c
 
 
 def to_onnx(loss_module: Any, example: tuple[Any, Any]) -> Any:
@@ -130,14 +156,27 @@ def _last_line(path: Path) -> str:
     return lines[-1][-200:] if lines else "no log"
 
 
-def _finish_outputs(out_dir: Path, shared: SharedExternalData, local: str, props: dict[str, str]) -> None:
-    """Point the saved graphs at the shared file (anything ORT's builder inlined goes there too) and record
-    ``props`` in their metadata."""
+def _finish_outputs(out_dir: Path, shared: SharedExternalData, local: str, props: dict[str, str],
+                    storage: dict[str, Any]) -> None:
+    """Point the saved graphs at the shared file (anything ORT's builder inlined goes there too), make the
+    quantized ``storage`` initializers again (recomputing each dequantized weight where the backward reads it),
+    and record ``props`` in their metadata."""
     import onnx
+
+    from lorafleet.export.compiler.onnx.graph import rematerialize_constant_subgraphs
 
     for name in ("training_model.onnx", "eval_model.onnx"):
         path = out_dir / name
         model = onnx.load(str(path), load_external_data=False)
+        if storage:
+            inputs = [i for i in model.graph.input if i.name not in storage]
+            del model.graph.input[:]
+            model.graph.input.extend(inputs)
+            model.graph.initializer.extend(storage.values())
+            if name == "training_model.onnx":
+                frozen = {t.name for t in model.graph.initializer} - {i.name for i in model.graph.input}
+                ints = {t.name for t in model.graph.initializer if t.data_type in _INTEGER_WEIGHTS and len(t.dims) >= 2}
+                rematerialize_constant_subgraphs(model, frozen, ints & set(storage))
         shared.relocate(model, local, out_dir)
         shared.externalize_proto(model, out_dir)
         onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props}, **props})

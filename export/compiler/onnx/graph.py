@@ -228,3 +228,94 @@ class SharedExternalData:
             t.ClearField("raw_data")
             moved += 1
         return moved
+
+
+# --- a quantized base -----------------------------------------------------------------------------------
+
+QUANTIZED_TYPES = ("INT8", "UINT8")
+
+
+def quantized_storage(model: Any, skip: set[str]) -> set[str]:
+    """Initializers of a quantized base that ONNX Runtime must not constant-fold: the integer weights and the
+    (≥ 2-D) tensors read together with them by nodes whose inputs are all initializers (their scales).
+
+    ORT's training-graph builder and its session optimizer fold every subgraph of initializers; folding a
+    dequantization would store and hold the fp32 weight it computes.
+    """
+    graph = model.graph
+    inits = {n: v for n, v in graph.initializers.items() if n not in skip and v.const_value is not None}
+    keep = {n for n, v in inits.items() if v.const_value.dtype.name in QUANTIZED_TYPES}
+    if not keep:
+        return set()
+    for node in graph.all_nodes():
+        ins = [i for i in node.inputs if i is not None]
+        if ins and all(i.name in inits for i in ins):
+            keep |= {i.name for i in ins if len(inits[i.name].const_value.shape) >= 2}
+    return keep
+
+
+def rematerialize_constant_subgraphs(model: Any, constants: set[str], seeds: set[str]) -> int:
+    """ONNX counterpart of :func:`lorafleet.export.compiler.executorch.passes.rematerialize_constant_subgraphs`
+    on an ``onnx.ModelProto``: every value computed from a quantized weight in ``seeds`` and other
+    ``constants`` alone (a dequantized weight) is recomputed, by copies of its nodes placed just before each
+    further reader, so the backward's product
+    ``dL/dx = dL/dy · W`` does not keep the forward's ``W`` alive. Returns the number of nodes added."""
+    graph = model.graph
+    nodes = list(graph.node)
+    producer = {out: n for n in nodes for out in n.output}
+    constants = set(constants) | set(seeds) | {o for n in nodes if n.op_type == "Constant" for o in n.output}
+    const = set(constants)  # values computed from constants alone
+    derived: set[str] = set(seeds)  # ... of which a quantized weight is one
+    for n in nodes:
+        ins = [i for i in n.input if i]
+        if ins and all(i in const for i in ins):
+            const.update(n.output)
+            if any(i in derived for i in ins):
+                derived.update(n.output)
+
+    def subtree(value: str) -> list[Any]:
+        seen: list[Any] = []
+        stack = [value]
+        while stack:
+            v = stack.pop()
+            n = producer.get(v)
+            if n is not None and v in const and v not in constants and all(n is not s for s in seen):
+                seen.append(n)
+                stack.extend(i for i in n.input if i)
+        return seen
+
+    claimed: dict[int, int] = {}  # id(node) -> id(first reader)
+    out_nodes: list[Any] = []
+    added = 0
+    for n in nodes:
+        if n.output and all(o in const for o in n.output):
+            out_nodes.append(n)
+            continue
+        for k, value in enumerate(n.input):
+            if not value or value not in derived or value in constants:
+                continue
+            tree = subtree(value)
+            if all(claimed.get(id(t), id(n)) == id(n) for t in tree):
+                for t in tree:
+                    claimed[id(t)] = id(n)
+                continue
+            suffix = f"_remat{added}"
+            renamed: dict[str, str] = {}
+            for t in sorted(tree, key=nodes.index):
+                clone = type(t)()
+                clone.CopyFrom(t)
+                clone.name = (t.name or t.op_type) + suffix
+                del clone.input[:]
+                clone.input.extend(renamed.get(i, i) for i in t.input)
+                del clone.output[:]
+                for o in t.output:
+                    renamed[o] = o + suffix
+                clone.output.extend(renamed[o] for o in t.output)
+                out_nodes.append(clone)
+                added += 1
+            n.input[k] = renamed[value]
+        out_nodes.append(n)
+    if added:
+        del graph.node[:]
+        graph.node.extend(out_nodes)
+    return added
