@@ -33,7 +33,7 @@ def train(
     """Train one rank of an edge package on instruction data and write the adapter (PEFT directory)."""
     from lorafleet.edge_client.data import read_jsonl
     from lorafleet.edge_client.trainer import train_local
-    from lorafleet.export.formats.adapter import read_adapter, write_adapter
+    from lorafleet.export.formats.adapter import for_base_model, read_adapter, write_adapter
     from lorafleet.export.formats.errors import LorafleetError
     from lorafleet.export.formats.package import open_package
 
@@ -45,7 +45,7 @@ def train(
     initial = read_adapter(adapter) if adapter is not None else None
     result = train_local(pkg, rank, backend.value, dataset.examples, initial_adapter=initial, steps=steps,
                          batch_size=batch_size, lr=lr, seed=seed, self_prune=self_prune)
-    write_adapter(result.adapter, out)
+    write_adapter(for_base_model(result.adapter, pkg.manifest.model.spec), out)
     if dataset.skipped:
         print(f"skipped {dataset.skipped} malformed lines of {data} (lines {dataset.skipped_lines[:10]})",
               file=sys.stderr)
