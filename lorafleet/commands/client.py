@@ -18,14 +18,9 @@ from typing import Annotated, Any
 
 import typer
 
+from lorafleet.commands.options import examples
 from lorafleet.export.formats.errors import ConfigError
 
-EXAMPLES = """Examples:
-
-  lorafleet client --dry-run --package pkg --profile pixel-8
-
-  lorafleet client --server 127.0.0.1:9092 --package pkg --data data.jsonl --measure --exit-on-finish
-"""
 DRY_RUN_EXAMPLES = 2  # built-in examples per seen family a dry run trains its step on, without --data
 
 
@@ -148,4 +143,7 @@ def _dry_run(package: Path, data: Path | None, backend: str, profile: str, measu
 
 
 def register(app: typer.Typer) -> None:
-    app.command("client", epilog=EXAMPLES)(client)
+    app.command("client", epilog=examples(
+        "lorafleet client --dry-run --package pkg --profile pixel-8",
+        "lorafleet client --server 127.0.0.1:9092 --package pkg --data data.jsonl --measure --exit-on-finish",
+    ))(client)

@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from lorafleet.commands.options import examples
 from lorafleet.commands.profile import BackendName
 
 
@@ -24,7 +25,8 @@ def train(
         "--adapter", help="Start from this PEFT adapter (truncated to --rank).")] = None,
     batch_size: Annotated[int | None, typer.Option(
         "--batch-size", help="Batch size (default: the package's).")] = None,
-    lr: Annotated[float, typer.Option("--lr", help="AdamW learning rate.")] = 1e-4,
+    lr: Annotated[float, typer.Option("--lr", help="AdamW learning rate (serve and fleet use the same "
+                                                   "default).")] = 1e-3,
     self_prune: Annotated[bool, typer.Option("--self-prune", help="HetLoRA local rank self-pruning.")] = False,
     skip_invalid: Annotated[bool, typer.Option(
         "--skip-invalid", help="Skip malformed data lines (and count them) instead of failing.")] = False,
@@ -61,4 +63,7 @@ def train(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("train")(train)
+    app.command("train", epilog=examples(
+        "lorafleet train --package pkg --rank 8 --backend onnxruntime --data data.jsonl --steps 50 --seed 0 "
+        "--out adapter-r8",
+    ))(train)
