@@ -76,4 +76,8 @@ def test_a_model_in_the_hub_cache_is_named_by_its_hub_id(tmp_path):
 def test_a_random_weight_adapter_says_so_and_keeps_its_spec(tmp_path):
     out = write_adapter(for_base_model(random_adapter(2), "random:tiny"), tmp_path / "a")
     assert json.loads((out / CONFIG_FILE).read_text())["base_model_name_or_path"] is None
+    from lorafleet.export.formats.hub import CardFacts, model_card
+
+    card = model_card(CardFacts("random:tiny", "hetlora", 2, [2], 1, ["q_proj"], 16.0, {}))
+    assert "base_model:" not in card and "PeftModel.from_pretrained(base" in card and "| metric" not in card
     assert read_adapter(out).metadata == {SPEC_KEY: "random:tiny"}

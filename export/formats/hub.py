@@ -74,11 +74,11 @@ def model_card(facts: CardFacts) -> str:
     if facts.metrics:
         lines += ["", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {_fmt(v)} |" for k, v in facts.metrics.items()]
-    load = base or "<the base model>"
-    lines += ["", "```python", "from peft import AutoPeftModelForCausalLM",
-              "model = AutoPeftModelForCausalLM.from_pretrained(\"path/to/this/directory\")"
-              if base else f"# base_model_name_or_path is unset: load {load} yourself, then PeftModel.from_pretrained",
-              "```", ""]
+    load = (["from peft import AutoPeftModelForCausalLM",
+             'model = AutoPeftModelForCausalLM.from_pretrained("path/to/this/directory")'] if base else
+            ["from peft import PeftModel",
+             'model = PeftModel.from_pretrained(base, "path/to/this/directory")  # base: the lorafleet model above'])
+    lines += ["", "```python", *load, "```", ""]
     return "\n".join(lines)
 
 
