@@ -2,12 +2,15 @@
 
 Data is JSONL, one example per line, with ``instruction`` / ``input`` / ``output``. The field names of the
 usual instruction sets are mapped: Alpaca (``instruction``, ``input``, ``output``), Dolly
-(``instruction``, ``context``, ``response``) and Natural-Instructions (``definition``, ``inputs``,
-``targets``; a list of targets takes its first). A malformed line is an error naming the file and line, or,
-with ``skip_invalid=True``, is skipped and counted.
+(``instruction``, ``context``, ``response``), Natural-Instructions (``definition``, ``inputs``,
+``targets``; a list of targets takes its first) and TRL's prompt-completion (``prompt``, ``completion``).
+TRL's conversational format is read too: ``{"messages": [{"role": "user", "content": ...}, {"role":
+"assistant", "content": ...}, ...]}`` (roles ``system``, ``user``, ``assistant``; the last turn the
+assistant's). A malformed line is an error naming the file and line, or, with ``skip_invalid=True``, is
+skipped and counted.
 
 Formatting: the example becomes a chat (:func:`chat_messages`) rendered by the tokenizer's chat template; the
-loss is on the response tokens only (:func:`encode_example`). Sequences are fixed-length, padded on the right
+loss is on the assistant turns only (:func:`encode_example`). Sequences are fixed-length, padded on the right
 with labels ``-100``, which is what the packaged programs take (``docs/package-format.md``: labels unshifted,
 the program shifts them).
 """
@@ -24,6 +27,7 @@ from lorafleet.export.formats.errors import ConfigError, DataError
 from lorafleet.export.formats.program import IGNORE_INDEX  # labels the loss skips
 
 # canonical field -> accepted names, first match wins (Alpaca, Dolly, Natural-Instructions, capitalised NI)
+CHAT_ROLES = ("system", "user", "assistant")
 FIELD_ALIASES: dict[str, tuple[str, ...]] = {
     "instruction": ("instruction", "definition", "Definition", "prompt"),
     "input": ("input", "context", "inputs", "Input"),
@@ -33,11 +37,14 @@ FIELD_ALIASES: dict[str, tuple[str, ...]] = {
 
 @dataclass(frozen=True)
 class Example:
-    """One instruction example. ``input`` may be empty."""
+    """One instruction example. ``input`` may be empty. ``chat``: the whole conversation ``((role, content),
+    ...)`` when it was given as ``messages`` (then ``instruction`` is its first user turn and ``output`` its last
+    assistant turn)."""
 
     instruction: str
     input: str
     output: str
+    chat: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass
@@ -96,9 +103,11 @@ def _json_line(line: str) -> Any:
 
 
 def parse_record(record: Any) -> Example:
-    """Map one JSON object's fields (any supported naming) to an :class:`Example`."""
+    """Map one JSON object's fields (any supported naming, or ``messages``) to an :class:`Example`."""
     if not isinstance(record, dict):
         raise DataError(f"expected a JSON object, got {type(record).__name__}")
+    if "messages" in record:
+        return _parse_messages(record["messages"])
     values: dict[str, str] = {}
     for canonical, names in FIELD_ALIASES.items():
         name = next((n for n in names if n in record), None)
@@ -113,6 +122,31 @@ def parse_record(record: Any) -> Example:
     if not values["output"].strip():
         raise DataError("the output is empty")
     return Example(values["instruction"], values["input"], values["output"])
+
+
+def _parse_messages(messages: Any) -> Example:
+    """TRL's conversational format: a list of ``{"role", "content"}`` turns ending with the assistant's."""
+    if not isinstance(messages, list) or not messages:
+        raise DataError("messages must be a non-empty list of {\"role\", \"content\"} objects")
+    turns = []
+    for i, turn in enumerate(messages):
+        if not isinstance(turn, dict) or not isinstance(turn.get("content"), str) or "role" not in turn:
+            raise DataError(f"messages[{i}] must be an object with a role and a string content, got "
+                            f"{json.dumps(turn)[:60]}")
+        if turn["role"] not in CHAT_ROLES:
+            raise DataError(f"messages[{i}] has role {turn['role']!r} (expected one of {', '.join(CHAT_ROLES)})")
+        turns.append((str(turn["role"]), str(turn["content"])))
+    users = [c for r, c in turns if r == "user"]
+    if not users or turns[-1][0] != "assistant" or not turns[-1][1].strip():
+        raise DataError("messages need a user turn and must end with a non-empty assistant turn")
+    return Example(users[0], "", turns[-1][1], chat=tuple(turns))
+
+
+def example_record(example: Example) -> dict[str, Any]:
+    """The JSON object :func:`parse_record` reads back as ``example`` (``messages`` for a conversation)."""
+    if example.chat:
+        return {"messages": [{"role": r, "content": c} for r, c in example.chat]}
+    return {"instruction": example.instruction, "input": example.input, "output": example.output}
 
 
 def _text(value: Any, name: str) -> str:
@@ -130,6 +164,8 @@ def _text(value: Any, name: str) -> str:
 def chat_messages(example: Example) -> list[dict[str, str]]:
     """The example as a chat: the user turn (instruction, then a blank line and the input if there is one)
     and the assistant turn (the output). ``chat_messages(ex)[:-1]`` is the prompt for generation."""
+    if example.chat:
+        return [{"role": r, "content": c} for r, c in example.chat]
     user = example.instruction + (f"\n\n{example.input}" if example.input else "")
     return [{"role": "user", "content": user}, {"role": "assistant", "content": example.output}]
 
@@ -142,28 +178,49 @@ def prompt_text(tokenizer: Any, example: Example) -> str:
 
 def encode_example(tokenizer: Any, example: Example, seq_len: int) -> tuple[list[int], list[int]]:
     """``(input_ids, labels)``, each ``seq_len`` long: the chat-template rendering of the example, loss on
-    the response tokens only (labels ``-100`` on the prompt and on padding; labels are *unshifted*).
+    the assistant turns only (labels ``-100`` on everything else and on padding; labels are *unshifted*).
 
-    The prompt and the response are tokenized separately, so the boundary is exact. When the example is too
-    long, the response keeps up to ``seq_len // 2`` tokens (all of it if shorter) and the prompt is cut from
-    the left (its end, ``<|im_start|>assistant\\n``, always survives); then the response is cut on the right.
+    The text is cut where each assistant turn starts and ends (:func:`chat_segments`) and every piece is
+    tokenized separately, so the boundaries are exact. When the example is too long, the last assistant turn
+    (the response) keeps up to ``seq_len // 2`` tokens (all of it if shorter) and what comes before it is cut
+    from the left (its end, ``<|im_start|>assistant\\n``, always survives); then the response is cut on the
+    right.
     """
     if seq_len < 2:
         raise ConfigError(f"seq_len must be at least 2, got {seq_len}")
-    prompt = prompt_text(tokenizer, example)
-    full = str(tokenizer.apply_chat_template(chat_messages(example), tokenize=False))
-    if not full.startswith(prompt):
-        raise DataError("the chat template does not render the prompt as a prefix of the conversation")
-    p_ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-    r_ids = list(tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"])
+    pieces = [(list(tokenizer(text, add_special_tokens=False)["input_ids"]), loss)
+              for text, loss in chat_segments(tokenizer, chat_messages(example))]
+    p_ids = [t for ids, _ in pieces[:-1] for t in ids]
+    p_labels = [t if loss else IGNORE_INDEX for ids, loss in pieces[:-1] for t in ids]
+    r_ids = pieces[-1][0]
     keep_r = min(len(r_ids), max(seq_len - len(p_ids), seq_len // 2))
-    p_ids = p_ids[max(0, len(p_ids) - (seq_len - keep_r)):]
+    cut = max(0, len(p_ids) - (seq_len - keep_r))
+    p_ids, p_labels = p_ids[cut:], p_labels[cut:]
     r_ids = r_ids[:seq_len - len(p_ids)]
     pad = pad_id(tokenizer)
     n_pad = seq_len - len(p_ids) - len(r_ids)
     input_ids = p_ids + r_ids + [pad] * n_pad
-    labels = [IGNORE_INDEX] * len(p_ids) + r_ids + [IGNORE_INDEX] * n_pad
+    labels = p_labels + r_ids + [IGNORE_INDEX] * n_pad
     return input_ids, labels
+
+
+def chat_segments(tokenizer: Any, messages: list[dict[str, str]]) -> list[tuple[str, bool]]:
+    """The chat-template text of ``messages`` as ``(text, is_assistant_turn)`` pieces, ending with the last
+    assistant turn: each assistant turn is what the template adds after its generation prompt."""
+    def render(turns: list[dict[str, str]], generation_prompt: bool = False) -> str:
+        return str(tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=generation_prompt))
+
+    pieces: list[tuple[str, bool]] = []
+    done = ""
+    for i, turn in enumerate(messages):
+        if turn["role"] != "assistant":
+            continue
+        prompt, full = render(messages[:i], True), render(messages[:i + 1])
+        if not (prompt.startswith(done) and full.startswith(prompt)):
+            raise DataError("the chat template does not render the prompt as a prefix of the conversation")
+        pieces += [(prompt[len(done):], False), (full[len(prompt):], True)]
+        done = full
+    return pieces
 
 
 def pad_id(tokenizer: Any) -> int:

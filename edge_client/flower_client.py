@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
     from lorafleet.export.formats.package import Package
 
-NODE_CONFIG_KEYS = ("package", "data", "backend", "profile", "measure", "rank", "cache-dir")
+NODE_CONFIG_KEYS = ("package", "data", "backend", "profile", "measure", "rank", "cache-dir", "events")
 STATE_KEY = "lorafleet"
 RUNTIME_BACKENDS = {"onnx": "onnxruntime", "executorch": "executorch"}  # package runtime -> training backend
 
@@ -56,6 +56,7 @@ class NodeSettings:
     measure: bool = False  # measure this machine
     rank: int = 0  # > 0: a fixed rank, no profiling
     cache_dir: str = ""  # where emulated-profile decisions are cached ("" = the lorafleet cache)
+    events: str = ""  # a JSONL file to append what the node did to (lorafleet.edge_client.events; "" = none)
 
     def __post_init__(self) -> None:
         if not self.package or not self.data:
@@ -119,6 +120,10 @@ def handle_query(message: Message, context: Context, settings: NodeSettings) -> 
     config = message_config(message)
     rank = node_rank(settings, context, round_timeout=float(config.get(P.ROUND_TIMEOUT, 600.0)),
                      local_steps=int(config.get(P.LOCAL_STEPS, 10)))
+    if settings.events:
+        from lorafleet.edge_client.events import RankEvent, append_event
+
+        append_event(settings.events, RankEvent(rank))
     return Message(RecordDict({P.METRICS: MetricRecord({P.RANK: rank})}), reply_to=message)
 
 
@@ -146,26 +151,27 @@ def _profiled_rank(settings: NodeSettings, pkg: Package, round_timeout: float, l
     backend = resolve_backend(settings, pkg)
     cache = _decision_cache(settings, pkg, backend, budgets)
     if cache is None:
-        return _profile(settings, pkg, backend, budgets)[0]
+        return profile_rank(settings, pkg, backend, budgets)[0]
     cache.parent.mkdir(parents=True, exist_ok=True)
     with open(cache.with_suffix(".lock"), "w") as lock:  # nodes sharing a profile profile it once
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not cache.is_file():
             from lorafleet.export.formats.atomic import atomic_write_text
 
-            rank, reasons = _profile(settings, pkg, backend, budgets)
+            rank, reasons = profile_rank(settings, pkg, backend, budgets)
             atomic_write_text(cache, json.dumps({"rank": rank, "reasons": reasons}, indent=1))
         return int(json.loads(cache.read_text())["rank"])
 
 
-def _profile(settings: NodeSettings, pkg: Package, backend: str, budgets: Any) -> tuple[int, list[str]]:
+def profile_rank(settings: NodeSettings, pkg: Package, backend: str, budgets: Any) -> tuple[int, list[str]]:
+    """The rank the profiler picks for this node under ``budgets`` (``NO_RANK``: none fits), and why."""
     from lorafleet.edge_client.profiler import profile_device
 
-    result = profile_device(_device(settings, pkg), pkg, backend, budgets)
+    result = profile_device(node_device(settings, pkg), pkg, backend, budgets)
     return result.selected_rank or P.NO_RANK, list(result.decision.reasons)
 
 
-def _device(settings: NodeSettings, pkg: Package) -> Any:
+def node_device(settings: NodeSettings, pkg: Package) -> Any:
     """This machine measured at the package's layer shapes, or the profile's device emulated on it (as
     ``lorafleet profile`` does)."""
     from lorafleet.edge_client.device import emulate, measure_device
@@ -218,18 +224,20 @@ def resolve_backend(settings: NodeSettings, pkg: Package) -> str:
 def handle_train(message: Message, context: Context, settings: NodeSettings) -> Message:
     """Train on the received adapter; reply with the trained adapter, example count and rank."""
     pkg = _open(settings)
-    return train_reply(message, pkg, lambda rank, lr: resolve_backend(settings, pkg), settings.data)
+    return train_reply(message, pkg, lambda rank, lr: resolve_backend(settings, pkg), settings.data,
+                       events=settings.events)
 
 
 def train_reply(message: Message, pkg: Package, backend: Callable[[int, float], Any], data: str | Path, *,
-                seconds: str = "wall") -> Message:
+                seconds: str = "wall", events: str = "") -> Message:
     """The device's train handler, shared by real devices and emulated ones: check the server's message and
     adapter against ``pkg``, train ``local-steps`` steps on the JSONL ``data`` with ``backend(rank, lr)`` (a
     backend name or a built :class:`~lorafleet.edge_client.backends.TrainingBackend`), and reply with the
     trained adapter and its metrics (the loss only when finite).
 
     ``train-seconds`` is the wall time of local training (``seconds="wall"``), or, for an emulated device whose
-    host is shared, the host seconds of its steps alone (``"steps"``: median step × steps)."""
+    host is shared, the host seconds of its steps alone (``"steps"``: median step × steps). ``events``: a file
+    to append the round's :class:`~lorafleet.edge_client.events.RoundEvent` to."""
     from flwr.app import Message, MetricRecord, RecordDict
 
     from lorafleet.edge_client.data import read_jsonl
@@ -249,6 +257,13 @@ def train_reply(message: Message, pkg: Package, backend: Callable[[int, float], 
     took = time.perf_counter() - start if seconds == "wall" else result.step_seconds * len(result.losses)
     metrics: dict[str, Any] = {P.NUM_EXAMPLES: result.num_examples, P.RANK: result.rank, P.TRAIN_SECONDS: took}
     loss = float(statistics.fmean(result.losses))
+    if events:
+        from lorafleet.edge_client.events import RoundEvent, append_event
+
+        append_event(events, RoundEvent(
+            round=int(config.get(P.SERVER_ROUND, 0)), num_rounds=int(config.get(P.NUM_ROUNDS, 0)), rank=result.rank,
+            steps=len(result.losses), loss_first=result.losses[0], loss_last=result.losses[-1], seconds=took,
+            num_examples=result.num_examples))
     if math.isfinite(loss):
         metrics[P.LOSS] = loss
     return Message(RecordDict({P.ARRAYS: P.adapter_record(result.adapter), P.METRICS: MetricRecord(metrics)}),

@@ -29,9 +29,10 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
-from lorafleet.export.formats.adapter import WEIGHTS_FILE, read_adapter, write_adapter
+from lorafleet.export.formats.adapter import WEIGHTS_FILE, for_base_model, read_adapter, write_adapter
 from lorafleet.export.formats.atomic import atomic_write_text
 from lorafleet.export.formats.errors import LorafleetError
+from lorafleet.export.formats.hub import CardFacts, write_model_card
 from lorafleet.export.formats.schema import Strict, validate
 
 if TYPE_CHECKING:
@@ -88,8 +89,11 @@ class _StateFile(Strict):
 class Checkpoint:
     """Reads and writes one state directory."""
 
-    def __init__(self, directory: str | Path):
+    def __init__(self, directory: str | Path, *, base_model: str = ""):
+        """``base_model``: the package's model spec; the global adapter then names its Hugging Face base model
+        and gets a model card (:mod:`lorafleet.export.formats.hub`)."""
         self.dir = Path(directory)
+        self.base_model = base_model
 
     @property
     def state_file(self) -> Path:
@@ -136,7 +140,11 @@ class Checkpoint:
                                   f"{self.global_dir} keeps the last finite one")
         self.dir.mkdir(parents=True, exist_ok=True)
         nxt = self.dir / NEXT_DIR
+        if self.base_model:
+            adapter = for_base_model(adapter, self.base_model)
         write_adapter(adapter, nxt, overwrite=True)
+        if self.base_model:
+            write_model_card(nxt, card_facts(state, adapter, self.base_model))
         digest = _digest(nxt)
         assert digest is not None, f"{nxt} was just written"
         atomic_write_text(self.state_file, state.to_json(digest))
@@ -172,6 +180,18 @@ class Checkpoint:
         if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
             raise CheckpointError(f"{self.state_file} is not a lorafleet server state (version {STATE_VERSION})")
         return data
+
+
+def card_facts(state: ServerState, adapter: Adapter, spec: str) -> CardFacts:
+    """The model card of the global adapter after ``state``'s last round (its devices' mean training loss)."""
+    last = state.history[-1] if state.history else {}
+    metrics = {f"devices' mean training loss, round {state.round}": last["loss"]} if last.get("loss") else {}
+    device_ranks = [r for r in state.node_ranks.values() if r] or [adapter.r]
+    pair = next(iter(adapter.modules.values()))
+    alpha = pair.scaling * (pair.r ** 0.5 if adapter.use_rslora else pair.r)
+    return CardFacts(spec=spec, method=state.method, rank=adapter.r, device_ranks=device_ranks, rounds=state.round,
+                     target_modules=sorted({n.rsplit(".", 1)[-1] for n in adapter.modules}), lora_alpha=alpha,
+                     metrics=metrics)
 
 
 def _digest(adapter_dir: Path) -> str | None:

@@ -177,7 +177,7 @@ def build_strategy(config: ServerConfig, cls: type[Any] | None = None, **overrid
 
     pkg = open_server_package(config.package)
     m = pkg.manifest
-    checkpoint = Checkpoint(config.state_dir) if config.state_dir else None
+    checkpoint = Checkpoint(config.state_dir, base_model=m.model.spec) if config.state_dir else None
     state, adapter = _initial_state(config, pkg, checkpoint)
     limits = ReplyLimits.from_adapter(pkg.initial_adapter(max(m.ranks)), tuple(m.ranks), m.lora_alpha,
                                       use_rslora=m.use_rslora)

@@ -207,7 +207,8 @@ class LoraFleetStrategy(FedAvg):
         s = self.settings
         cfg: dict[str, Any] = dict(base)
         cfg.update({
-            P.PROTOCOL: P.PROTOCOL_VERSION, P.SERVER_ROUND: rnd, P.RANK: r, P.METHOD: self.state.method,
+            P.PROTOCOL: P.PROTOCOL_VERSION, P.SERVER_ROUND: rnd, P.NUM_ROUNDS: self.state.rounds, P.RANK: r,
+            P.METHOD: self.state.method,
             P.LORA_ALPHA: float(self.limits.lora_alpha), P.USE_RSLORA: self.limits.use_rslora,
             P.LOCAL_STEPS: s.local_steps, P.LEARNING_RATE: s.lr, P.BATCH_SIZE: s.batch_size,
             P.SEED: self.state.seed * 1_000_003 + rnd, P.ROUND_TIMEOUT: s.round_timeout,

@@ -72,7 +72,7 @@ def start_clients(procs: Processes, fleet, address: str, devices=range(3), ca: P
         auth = ["--auth-key", str(keys[i])] if keys else []
         procs.start(f"client{tag}-{i}", lorafleet("client", "--server", address, "--package", str(fleet.package),
                                                    "--data", str(fleet.data[i]), "--profile", str(fleet.profiles[i]),
-                                                   *tls, *auth))
+                                                   "--verbose", *tls, *auth))  # messages_received reads Flower's log
 
 
 def stranger_run(env: dict[str, str], home: Path, connection: str, marker: Path) -> subprocess.CompletedProcess:

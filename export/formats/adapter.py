@@ -94,6 +94,7 @@ class Adapter:
 
     modules: dict[str, LoraPair]
     config: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)  # lorafleet's own (``lorafleet.*`` keys), in safetensors
 
     @property
     def ranks(self) -> set[int]:
@@ -218,7 +219,19 @@ def read_adapter(path: str | Path, *, check_finite: bool = True) -> Adapter:
     weights = weights_file(path)
     config = _read_config(path / CONFIG_FILE)
     tensors = _read_safetensors(weights)
-    return adapter_from_state_dict(tensors, config, check_finite=check_finite, origin=str(path))
+    adapter = adapter_from_state_dict(tensors, config, check_finite=check_finite, origin=str(path))
+    adapter.metadata = _read_metadata(weights)
+    return adapter
+
+
+def for_base_model(adapter: Adapter, spec: str) -> Adapter:
+    """``adapter`` naming its base model for Hugging Face: ``base_model_name_or_path`` a model ``transformers``
+    loads (:func:`lorafleet.export.formats.hub.hf_base_model`; ``None`` if there is none) and the lorafleet
+    ``spec`` kept in its metadata. Tensors are shared, not copied."""
+    from lorafleet.export.formats.hub import SPEC_KEY, hf_base_model
+
+    return replace(adapter, config={**adapter.config, "base_model_name_or_path": hf_base_model(spec)},
+                   metadata={**adapter.metadata, SPEC_KEY: spec})
 
 
 def adapter_from_state_dict(tensors: StateDict, config: dict[str, Any], *, check_finite: bool = True,
@@ -281,7 +294,7 @@ def write_adapter(adapter: Adapter, out: str | Path, *, overwrite: bool = False)
     config["target_modules"] = config.get("target_modules") or targets
     tensors = {k: v.detach().contiguous().cpu() for k, v in adapter.state_dict().items()}
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={**adapter.metadata, "format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return Path(out)
 
@@ -346,6 +359,15 @@ def _read_safetensors(path: Path) -> StateDict:
         return load_file(str(path))
     except Exception as exc:  # SafetensorError, OSError, ValueError on corrupt headers
         raise AdapterError(f"corrupt or truncated safetensors file {path}: {str(exc).splitlines()[0]}") from exc
+
+
+def _read_metadata(path: Path) -> dict[str, str]:
+    """The ``lorafleet.*`` entries of a safetensors header (others, e.g. ``format``, are not ours)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    return {k: v for k, v in meta.items() if k.startswith("lorafleet.")}
 
 
 def _scaling_fields(adapter: Adapter) -> dict[str, Any]:

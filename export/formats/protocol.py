@@ -36,6 +36,7 @@ METRICS = "metrics"  # MetricRecord: device → server report
 # Server → device (ConfigRecord keys). A query carries PROTOCOL, ROUND_TIMEOUT and LOCAL_STEPS only.
 PROTOCOL = "protocol"
 SERVER_ROUND = "server-round"  # Flower's own key, set by FedAvg
+NUM_ROUNDS = "num-rounds"  # the run's last round (optional: a device that sees it knows the run is ending)
 RANK = "rank"  # the rank of the adapter sent; the device trains at this rank
 METHOD = "method"
 LORA_ALPHA = "lora-alpha"

@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import click
 import typer
 
-from lorafleet.commands.options import AUTO_POSITIVE, NUMBERS
+from lorafleet.commands.options import AUTO_POSITIVE, NUMBERS, examples
 from lorafleet.server.aggregation import METHODS  # cheap: torch is imported only when aggregating
 
 
@@ -56,4 +56,6 @@ def aggregate(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("aggregate")(aggregate)
+    app.command("aggregate", epilog=examples(
+        "lorafleet aggregate --method flexlora --weights 120,80 --out global phone-a phone-b",
+    ))(aggregate)

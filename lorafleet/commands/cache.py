@@ -28,6 +28,8 @@ from typing import Annotated
 
 import typer
 
+from lorafleet.commands.options import examples
+
 cache_app = typer.Typer(name="cache", help="List and remove what lorafleet keeps in its cache.",
                         no_args_is_help=True)
 
@@ -106,12 +108,9 @@ def human_size(n: int) -> str:
     return f"{n} B"
 
 
-@cache_app.command("list")
+@cache_app.command("list", epilog=examples("lorafleet cache list", "lorafleet cache list --json"))
 def list_(as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False) -> None:
-    """List the cache's entries with their kind (package, model, other) and size.
-
-    Example: lorafleet cache list --json
-    """
+    """List the cache's entries with their kind (package, model, other) and size."""
     from lorafleet.export.formats.cache import cache_dir
 
     root = cache_dir()
@@ -138,15 +137,12 @@ def list_(as_json: Annotated[bool, typer.Option("--json", help="Print JSON inste
     console.print(f"{len(found)} entries, {human_size(total)}; remove one with: lorafleet cache remove KEY")
 
 
-@cache_app.command("remove")
+@cache_app.command("remove", epilog=examples("lorafleet cache remove --all"))
 def remove(
     key: Annotated[str | None, typer.Argument(metavar="KEY", help="The entry to remove (see cache list).")] = None,
     all_: Annotated[bool, typer.Option("--all", help="Remove every entry.")] = False,
 ) -> None:
-    """Remove one cache entry (by its key from cache list), or all of them.
-
-    Example: lorafleet cache remove --all
-    """
+    """Remove one cache entry (by its key from cache list), or all of them."""
     from lorafleet.export.formats.cache import cache_dir
     from lorafleet.export.formats.errors import ConfigError
 

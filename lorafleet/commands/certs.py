@@ -16,6 +16,8 @@ from typing import Annotated
 
 import typer
 
+from lorafleet.commands.options import examples
+
 
 def certs(
     out: Annotated[Path, typer.Option("--out", metavar="DIR", help="Directory for the files (new or empty).")],
@@ -51,5 +53,7 @@ def node_key(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("certs")(certs)
-    app.command("node-key")(node_key)
+    app.command("certs", epilog=examples(
+        "lorafleet certs --out tls --name server.example.org --name 127.0.0.1",
+    ))(certs)
+    app.command("node-key", epilog=examples("lorafleet node-key --out keys/jetson-1"))(node_key)

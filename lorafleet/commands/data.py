@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
-from lorafleet.commands.options import NAMES
+from lorafleet.commands.options import NAMES, examples
 
 SPLIT_CHOICES = ("seen", "heldout", "all")
 
@@ -28,10 +28,7 @@ def data(
     examples: Annotated[int, typer.Option("--examples", metavar="N", help="Examples per family.")] = 32,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the generated examples.")] = 0,
 ) -> None:
-    """Write the built-in instruction tasks as JSONL training data (for train, fleet --data, client).
-
-    Example: lorafleet data --out data.jsonl --examples 16
-    """
+    """Write the built-in instruction tasks as JSONL training data (for train, fleet --data, client)."""
     from lorafleet import tasks
     from lorafleet.export.formats.errors import ConfigError
 
@@ -106,4 +103,7 @@ def _umask() -> int:
 
 
 def register(app: typer.Typer) -> None:
-    app.command("data")(data)
+    app.command("data", epilog=examples(
+        "lorafleet data --out data.jsonl --examples 16",
+        "lorafleet data --out heldout.jsonl --split heldout",
+    ))(data)

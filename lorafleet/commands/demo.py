@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
+from lorafleet.commands.options import examples
 from lorafleet.export.formats.errors import ConfigError
 
 DEMO_MIX = {"jetson-orin-nano-8gb": 1.0, "raspberry-pi-5-8gb": 1.0, "pixel-8": 1.0, "android-mid-6gb": 1.0}
@@ -61,7 +62,9 @@ def demo(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("demo")(demo)
+    app.command("demo", epilog=examples(
+        "lorafleet demo",
+    ))(demo)
 
 
 def _clear_previous(out: Path) -> None:

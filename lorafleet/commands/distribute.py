@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
-from lorafleet.commands.options import AUTO_POSITIVE
+from lorafleet.commands.options import AUTO_POSITIVE, examples
 
 
 def distribute(
@@ -47,4 +47,6 @@ def distribute(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("distribute")(distribute)
+    app.command("distribute", epilog=examples(
+        "lorafleet distribute --rank 8 --out for-rank-8 global",
+    ))(distribute)

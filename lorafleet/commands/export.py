@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
-from lorafleet.commands.options import INTS, NAMES
+from lorafleet.commands.options import INTS, NAMES, examples
 
 
 def export(
@@ -46,7 +46,11 @@ def export(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("export")(export)
+    app.command("export", epilog=examples(
+        "lorafleet export smollm2-135m --ranks 4,8,16 --target-modules q_proj,v_proj --out pkg",
+        "lorafleet export random:tiny --ranks 2,4 --target-modules q_proj,v_proj --seq-len 16 --runtimes onnx "
+        "--out tiny-pkg",
+    ))(export)
 
 
 def _summary(result: object) -> None:

@@ -21,7 +21,7 @@ from typing import Annotated, Any
 import click
 import typer
 
-from lorafleet.commands.options import INTS, NUMBER
+from lorafleet.commands.options import INTS, NUMBER, examples
 from lorafleet.export.formats.errors import ConfigError, LorafleetError
 
 
@@ -200,7 +200,10 @@ def _record_error(cfg: Any, error: str, wall_s: float, config: Path | None, base
 
 
 def register(app: typer.Typer) -> None:
-    app.command("fleet")(fleet)
+    app.command("fleet", epilog=examples(
+        "lorafleet fleet --devices 8 --rounds 3 --model random:tiny --method flexlora --seed 0 --out fleet-out",
+        "lorafleet fleet --config docs/ci/fleet.toml --out fleet-report",
+    ))(fleet)
 
 
 def print_result(result: object) -> None:

@@ -13,6 +13,8 @@ from typing import Annotated
 
 import typer
 
+from lorafleet.commands.options import examples
+
 
 def gateway(
     listen: Annotated[str, typer.Option("--listen", metavar="HOST:PORT",
@@ -40,4 +42,6 @@ def gateway(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("gateway")(gateway)
+    app.command("gateway", epilog=examples(
+        "lorafleet gateway --listen 0.0.0.0:9092 --superlink 127.0.0.1:9093 --superlink-ca ca.pem",
+    ))(gateway)

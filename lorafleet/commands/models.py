@@ -6,6 +6,8 @@ import json
 
 import typer
 
+from lorafleet.commands.options import examples
+
 
 def models(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
     """List the named model specs (local HF directories and .gguf paths are accepted too)."""
@@ -31,4 +33,6 @@ def models(as_json: bool = typer.Option(False, "--json", help="Print JSON instea
 
 
 def register(app: typer.Typer) -> None:
-    app.command("models")(models)
+    app.command("models", epilog=examples(
+        "lorafleet models",
+    ))(models)

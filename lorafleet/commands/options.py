@@ -78,6 +78,12 @@ class Number(click.ParamType):
         return number
 
 
+def examples(*commands: str) -> str:
+    """A command's ``--help`` epilog: its example command lines, each a paragraph (rich help re-flows text
+    within one). ``tests/test_cli_help.py`` parses every one with the command's own parser."""
+    return "\n\n".join(["Examples:", *commands])
+
+
 NAMES = CommaList(str, "a name", "q_proj,v_proj")
 INTS = CommaList(int, "an integer", "4,8,16")
 NUMBERS = CommaList(float, "a number", "n1,n2,...")

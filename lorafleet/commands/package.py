@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from lorafleet.commands.cache import human_size
+from lorafleet.commands.options import examples
 
 if TYPE_CHECKING:
     from lorafleet.export.formats.manifest import Manifest
@@ -28,15 +29,13 @@ package_app = typer.Typer(name="package", help="Inspect and verify edge packages
 PackageArg = Annotated[Path, typer.Argument(metavar="PKG", help="Edge package directory.")]
 
 
-@package_app.command("inspect")
+@package_app.command("inspect", epilog=examples("lorafleet package inspect pkg",
+                                                "lorafleet package inspect pkg --json"))
 def inspect(
     package: PackageArg,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a summary.")] = False,
 ) -> None:
-    """Summarize an edge package's manifest: model, ranks, runtimes, sizes, estimates, verification.
-
-    Example: lorafleet package inspect pkg --json
-    """
+    """Summarize an edge package's manifest: model, ranks, runtimes, sizes, estimates, verification."""
     from lorafleet.export.formats.package import open_package
 
     pkg = open_package(package, verify=False)  # the manifest is parsed and validated; files are not hashed
@@ -47,12 +46,9 @@ def inspect(
     _print_summary(summary)
 
 
-@package_app.command("verify")
+@package_app.command("verify", epilog=examples("lorafleet package verify pkg"))
 def verify(package: PackageArg) -> None:
-    """Check every file of an edge package against its manifest (size, sha256, adapters); OK or the error.
-
-    Example: lorafleet package verify pkg
-    """
+    """Check every file of an edge package against its manifest (size, sha256, adapters); OK or the error."""
     from lorafleet.export.formats.errors import PackageError
     from lorafleet.export.formats.package import open_package
 

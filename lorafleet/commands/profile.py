@@ -9,6 +9,8 @@ from typing import Annotated, Any
 
 import typer
 
+from lorafleet.commands.options import examples
+
 
 class BackendName(StrEnum):
     executorch = "executorch"
@@ -51,7 +53,10 @@ def profile(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("profile")(profile)
+    app.command("profile", epilog=examples(
+        "lorafleet profile",
+        "lorafleet profile --package pkg --profile pixel-8 --json",
+    ))(profile)
 
 
 def _print_table(out: dict[str, Any]) -> None:

@@ -18,7 +18,7 @@ from typing import Annotated, Any
 import click
 import typer
 
-from lorafleet.commands.options import AUTO_POSITIVE
+from lorafleet.commands.options import AUTO_POSITIVE, examples
 from lorafleet.server.aggregation import METHODS
 
 
@@ -37,9 +37,8 @@ def serve(
                                              help="Devices to wait for before a round, and (unless "
                                                   "--min-valid) valid replies needed to update the global "
                                                   "adapter.")] = 2,
-    min_valid: Annotated[int, typer.Option("--min-valid", min=0,
-                                           help="Valid replies needed to update the global adapter "
-                                                "(default: --min-clients).")] = 0,
+    min_valid: Annotated[int, typer.Option("--min-valid", min=0, show_default="--min-clients",
+                                           help="Valid replies needed to update the global adapter.")] = 0,
     fraction: Annotated[float, typer.Option("--fraction", help="Share of connected devices per round.")] = 1.0,
     round_timeout: Annotated[float, typer.Option("--round-timeout", metavar="S",
                                                  help="Seconds to wait for replies; also each device's time "
@@ -87,4 +86,9 @@ def serve(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("serve")(serve)
+    app.command("serve", epilog=examples(
+        "lorafleet serve --package pkg --method flexlora --rounds 3 --min-clients 2 --address 127.0.0.1:9092 "
+        "--state fed-state",
+        "lorafleet serve --package pkg --method flexlora --rounds 20 --min-clients 3 --address 0.0.0.0:9092 "
+        "--state fed-state --ssl-certfile tls/server.pem --ssl-keyfile tls/server.key --ssl-ca-certfile tls/ca.pem",
+    ))(serve)

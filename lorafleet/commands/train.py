@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from lorafleet.commands.options import examples
 from lorafleet.commands.profile import BackendName
 
 
@@ -24,7 +25,8 @@ def train(
         "--adapter", help="Start from this PEFT adapter (truncated to --rank).")] = None,
     batch_size: Annotated[int | None, typer.Option(
         "--batch-size", help="Batch size (default: the package's).")] = None,
-    lr: Annotated[float, typer.Option("--lr", help="AdamW learning rate.")] = 1e-4,
+    lr: Annotated[float, typer.Option("--lr", help="AdamW learning rate (serve and fleet use the same "
+                                                   "default).")] = 1e-3,
     self_prune: Annotated[bool, typer.Option("--self-prune", help="HetLoRA local rank self-pruning.")] = False,
     skip_invalid: Annotated[bool, typer.Option(
         "--skip-invalid", help="Skip malformed data lines (and count them) instead of failing.")] = False,
@@ -33,7 +35,7 @@ def train(
     """Train one rank of an edge package on instruction data and write the adapter (PEFT directory)."""
     from lorafleet.edge_client.data import read_jsonl
     from lorafleet.edge_client.trainer import train_local
-    from lorafleet.export.formats.adapter import read_adapter, write_adapter
+    from lorafleet.export.formats.adapter import for_base_model, read_adapter, write_adapter
     from lorafleet.export.formats.errors import LorafleetError
     from lorafleet.export.formats.package import open_package
 
@@ -45,7 +47,7 @@ def train(
     initial = read_adapter(adapter) if adapter is not None else None
     result = train_local(pkg, rank, backend.value, dataset.examples, initial_adapter=initial, steps=steps,
                          batch_size=batch_size, lr=lr, seed=seed, self_prune=self_prune)
-    write_adapter(result.adapter, out)
+    write_adapter(for_base_model(result.adapter, pkg.manifest.model.spec), out)
     if dataset.skipped:
         print(f"skipped {dataset.skipped} malformed lines of {data} (lines {dataset.skipped_lines[:10]})",
               file=sys.stderr)
@@ -61,4 +63,7 @@ def train(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("train")(train)
+    app.command("train", epilog=examples(
+        "lorafleet train --package pkg --rank 8 --backend onnxruntime --data data.jsonl --steps 50 --seed 0 "
+        "--out adapter-r8",
+    ))(train)

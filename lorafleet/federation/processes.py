@@ -197,16 +197,26 @@ def _gateway_tls_args(tls: Tls) -> list[str]:
 # --- device ---------------------------------------------------------------------------------------------
 
 def run_client(settings: Any, server: str, tls: Tls, *, auth_key: Path | None = None,
-               trusted_apps: tuple[str, ...] = (), runtime_port: int = 0, log: IO[bytes] | None = None) -> int:
+               trusted_apps: tuple[str, ...] = (), runtime_port: int = 0, log: IO[bytes] | None = None,
+               exit_on_finish: bool = False, verbose: bool = False, echo: Callable[[str], None] = print) -> int:
     """Run a SuperNode with the lorafleet ClientApp (``settings``:
     :class:`lorafleet.edge_client.flower_client.NodeSettings`) until it stops; returns its exit status.
 
     The SuperNode runs lorafleet's app and nothing else (:mod:`lorafleet.federation.app_guard`: a FAB whose sha256 is
     not that of lorafleet's own app, or one of ``trusted_apps``, is refused before it is installed). ``auth_key``: the
-    node's private key for SuperNode authentication (needs TLS)."""
+    node's private key for SuperNode authentication (needs TLS).
+
+    What the owner sees goes to ``echo``: a line per round (the ClientApp's events) and Flower's warnings and
+    errors (:mod:`lorafleet.federation.node_log`; everything with ``verbose``). ``log``: write the SuperNode's raw
+    output there instead. ``exit_on_finish``: return 0 once the server's last round is trained and the
+    server has gone (the SuperNode gives up reconnecting after ``EXIT_WAIT`` s, Flower's
+    ``--max-wait-time``) or ``FINISH_GRACE`` s have passed; without it a SuperNode retries forever."""
+    import dataclasses
+
     import tomli_w
 
     from lorafleet.federation.app_guard import fab_sha256, write_guard_bin
+    from lorafleet.federation.node_log import EXIT_WAIT, follow_node
 
     host, port = parse_address(server)
     tls.check_client()
@@ -220,14 +230,16 @@ def run_client(settings: Any, server: str, tls: Tls, *, auth_key: Path | None = 
     with tempfile.TemporaryDirectory(prefix="lorafleet-node-") as tmp, _terminating_on_sigterm():
         home = Path(tmp)
         guard = write_guard_bin(home / "bin", (fab_sha256(), *trusted_apps))
+        events = home / "events.jsonl"
         node_config = home / "node-config.toml"
-        node_config.write_text(tomli_w.dumps(settings.to_node_config()))
+        node_config.write_text(tomli_w.dumps(dataclasses.replace(settings, events=str(events)).to_node_config()))
         tls_args = (["--root-certificates", str(Path(tls.ca_certfile).resolve())] if tls.ca_certfile
                     else ["--insecure"])
         cmd = [_bin("flower-supernode"), "--superlink", f"{_bracket(host)}:{port}", "--node-config", str(node_config),
-               "--host", LOOPBACK, "--port", str(runtime_port or free_port()), *tls_args, *auth_args]
-        with _child(cmd, home, log, path_first=guard) as node:
-            return node.wait()
+               "--host", LOOPBACK, "--port", str(runtime_port or free_port()), *tls_args, *auth_args,
+               *(["--max-wait-time", str(EXIT_WAIT)] if exit_on_finish else [])]
+        with _child(cmd, home, log if log is not None else subprocess.PIPE, path_first=guard) as node:
+            return follow_node(node, events, echo, exit_on_finish=exit_on_finish, verbose=verbose)
 
 
 def free_port(host: str = LOOPBACK) -> int:
@@ -256,10 +268,10 @@ def flower_env(home: Path) -> dict[str, str]:
 
 
 @contextmanager
-def _child(cmd: list[str], home: Path, log: IO[bytes] | None,
+def _child(cmd: list[str], home: Path, log: IO[bytes] | int | None,
            path_first: Path | None = None) -> Iterator[subprocess.Popen[bytes]]:
-    """Start ``cmd`` (with ``path_first`` ahead of everything on its ``PATH``); on leaving the block it is
-    stopped (SIGTERM, then SIGKILL after 10 s)."""
+    """Start ``cmd`` (with ``path_first`` ahead of everything on its ``PATH``; output to ``log``, a file or
+    ``subprocess.PIPE``, else inherited); on leaving the block it is stopped (SIGTERM, then SIGKILL after 10 s)."""
     env = flower_env(home)
     if path_first is not None:
         env["PATH"] = os.pathsep.join([str(path_first), env["PATH"]])

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from lorafleet import tasks
-from lorafleet.edge_client.data import Example, read_jsonl
+from lorafleet.edge_client.data import Example, example_record, read_jsonl
 from lorafleet.export.formats.errors import ConfigError
 from lorafleet.fleet.partition import dirichlet_partition, family_counts
 
@@ -59,7 +59,8 @@ def jsonl_eval_split(path: str | Path, *, seed: int, fraction: float = 0.1,
 
 
 def write_device_data(data: list[list[Example]], out_dir: str | Path, path_of: Callable[[Path, int], Path]) -> None:
-    """Every device's examples as a JSONL file (``instruction``/``input``/``output``) under ``out_dir``."""
+    """Every device's examples as a JSONL file (:func:`~lorafleet.edge_client.data.example_record`) under
+    ``out_dir``."""
     import json
 
     from lorafleet.export.formats.atomic import atomic_write_text
@@ -69,8 +70,7 @@ def write_device_data(data: list[list[Example]], out_dir: str | Path, path_of: C
     for d, examples in enumerate(data):
         if not examples:
             raise ConfigError(f"device {d} has no training examples (more devices than examples?)")
-        lines = [json.dumps({"instruction": ex.instruction, "input": ex.input, "output": ex.output},
-                            ensure_ascii=False) for ex in examples]
+        lines = [json.dumps(example_record(ex), ensure_ascii=False) for ex in examples]
         atomic_write_text(path_of(root, d), "\n".join(lines) + "\n")
 
 

@@ -89,7 +89,7 @@ def run_fleet(cfg: FleetConfig, *, progress: FleetProgress | None = None, host: 
         _check_same_fleet(previous, report)
         report.rounds = previous.rounds
     server = _simulate(cfg, prep, plan, report, progress, evaluator)
-    global_rank = _write_global(cfg, server, plan)
+    global_rank = _write_global(cfg, server, plan, report)
     return FleetResult(cfg.out, report, plan, prep.package.path, global_rank)
 
 
@@ -276,16 +276,23 @@ def _simulate(cfg: FleetConfig, prep: Prepared, plan: FleetPlan, report: FleetRe
     return server
 
 
-def _write_global(cfg: FleetConfig, server: Any, plan: FleetPlan) -> int:
+def _write_global(cfg: FleetConfig, server: Any, plan: FleetPlan, report: FleetReport) -> int:
     """``DIR/global/``: the final global adapter at the fleet's highest rank (the rank the method trained
-    at most), at the package's scaling, as a PEFT directory."""
-    from lorafleet.export.formats.adapter import truncate, write_adapter
+    at most), at the package's scaling, as a PEFT directory naming its Hugging Face base model, with a model
+    card holding the last evaluated round's metrics."""
+    from lorafleet.export.formats.adapter import for_base_model, truncate, write_adapter
+    from lorafleet.export.formats.hub import CardFacts, write_model_card
     from lorafleet.fleet.plan import ranked
     from lorafleet.fleet.report import shareable
 
     adapter = server.strategy.global_adapter
     r = min(adapter.r, max(ranked(plan.devices)))
-    out = write_adapter(truncate(adapter, r), cfg.out / GLOBAL_DIR, overwrite=True)
+    out = write_adapter(for_base_model(truncate(adapter, r), cfg.model), cfg.out / GLOBAL_DIR, overwrite=True)
+    evaluated = [rec for rec in report.rounds if rec.metrics]
+    metrics = {f"{k} (round {evaluated[-1].round})": v for k, v in evaluated[-1].metrics.items()} if evaluated else {}
+    write_model_card(out, CardFacts(spec=cfg.model, method=cfg.method, rank=r, device_ranks=ranked(plan.devices),
+                                    rounds=len(report.rounds) - 1, target_modules=sorted(cfg.target_modules),
+                                    lora_alpha=cfg.lora_alpha, metrics=metrics))
     for path in (out, *out.iterdir()):
         shareable(path)
     return r
