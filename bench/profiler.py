@@ -87,8 +87,8 @@ def _bench_backend(pkg: Any, backend: str, steps: int, host_gflops: float,
         p = predicted[r]
         rows.append({
             "rank": r, "fit_point": r in (min(pkg.ranks), max(pkg.ranks)),
-            "predicted_peak_bytes": p.peak_bytes, "measured_peak_bytes": meas.peak_rss_bytes,
-            "peak_error": round(p.peak_bytes / meas.peak_rss_bytes - 1, 4),
+            "predicted_peak_bytes": p.peak_bytes, "measured_peak_bytes": meas.device_memory_bytes,
+            "peak_error": round(p.peak_bytes / meas.device_memory_bytes - 1, 4),
             "predicted_step_seconds": round(p.step_seconds, 5), "measured_step_seconds": round(meas.step_seconds, 5),
             "step_error": round(p.step_seconds / meas.step_seconds - 1, 4),
             "predicted_cpu_seconds": round(cpu_fit(r), 5), "measured_cpu_seconds": round(meas.cpu_seconds, 5),
@@ -103,7 +103,7 @@ def _bench_backend(pkg: Any, backend: str, steps: int, host_gflops: float,
             selections.append({"profile": prof.id, "memory_fraction": b.memory_fraction,
                                "time_budget_seconds": b.time_budget_seconds, "selected_rank": decision.selected_rank,
                                "verdict": decision.reasons[-1]})
-    fit_points = [{"rank": x.rank, "peak_rss_bytes": x.peak_rss_bytes, "step_seconds": round(x.step_seconds, 5),
+    fit_points = [{"rank": x.rank, "device_memory_bytes": x.device_memory_bytes, "step_seconds": round(x.step_seconds, 5),
                    "cpu_seconds": round(x.cpu_seconds, 5)} for x in result.measurements]
     return {"profile_seconds": round(profile_seconds, 1), "fit_reasons": result.decision.reasons[:2],
             "fit_measurements": fit_points,

@@ -32,7 +32,10 @@ from lorafleet.export.formats.package import Package
 @dataclass(frozen=True)
 class RankMeasurement:
     rank: int
-    peak_rss_bytes: int  # peak RSS of a fresh process that loaded the program and trained
+    device_memory_bytes: int  # peak RSS of a fresh process loading the program and training, above its RSS
+    #                           just before the load (interpreter and runtime libraries excluded: a device's
+    #                           app has its own; what is left is the program's planned memory, the foundation
+    #                           bytes it maps and the runtime's own allocations)
     step_seconds: float  # median wall seconds over the timed steps, on this host
     cpu_seconds: float = 0.0  # median CPU seconds of the process per step (all threads; insensitive to load)
 
@@ -92,12 +95,12 @@ def fit_growth(package: Package, measured: list[RankMeasurement]) -> tuple[Linea
     """Peak bytes and step seconds as linear functions of rank (one measurement: manifest slopes)."""
     if len(measured) >= 2:
         rs = [float(m.rank) for m in measured]
-        mem = fit_linear(rs, [float(m.peak_rss_bytes) for m in measured])
+        mem = fit_linear(rs, [float(m.device_memory_bytes) for m in measured])
         sec = fit_linear(rs, [m.step_seconds for m in measured])
         return mem, sec
     m = measured[0]
     mem_slope, flop_share = _manifest_slopes(package)
-    mem = LinearFit(m.peak_rss_bytes - mem_slope * m.rank, mem_slope)
+    mem = LinearFit(m.device_memory_bytes - mem_slope * m.rank, mem_slope)
     sec_slope = m.step_seconds * flop_share
     return mem, LinearFit(m.step_seconds - sec_slope * m.rank, sec_slope)
 
@@ -162,7 +165,7 @@ def measure_rank(package_path: str | Path, rank: int, backend: str, *, steps: in
         tail = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
         raise LorafleetError(f"measuring rank {rank} on {backend} failed: {tail}")
     data = json.loads(lines[-1])
-    return RankMeasurement(int(data["rank"]), int(data["peak_rss_bytes"]), float(data["step_seconds"]),
+    return RankMeasurement(int(data["rank"]), int(data["device_memory_bytes"]), float(data["step_seconds"]),
                            float(data["cpu_seconds"]))
 
 
@@ -172,15 +175,18 @@ def _measure_here(package_path: str, rank: int, backend: str, steps: int, warmup
 
     from lorafleet.edge_client.backends import OptimizerConfig, make_backend
     from lorafleet.edge_client.data import Batch
-    from lorafleet.edge_client.memory import peak_rss_bytes
+    from lorafleet.edge_client.memory import current_rss_bytes, peak_rss_bytes, reset_peak_rss
     from lorafleet.export.formats.package import open_package
 
     pkg = open_package(package_path, verify=False)  # the parent verified it
     m = pkg.manifest
-    be = make_backend(backend, pkg, rank, OptimizerConfig())
     rng = np.random.default_rng(rank)
     ids = rng.integers(0, m.model.vocab_size, size=(m.batch_size, m.seq_len), dtype=np.int64)
     batch = Batch(ids, ids.copy())
+    _import_runtime(backend)
+    baseline = current_rss_bytes()
+    reset_peak_rss()
+    be = make_backend(backend, pkg, rank, OptimizerConfig())
     for _ in range(warmup):
         be.step(batch)
     seconds, cpu = [], []
@@ -191,8 +197,20 @@ def _measure_here(package_path: str, rank: int, backend: str, steps: int, warmup
         cpu.append(time.process_time() - start_cpu)
     if not math.isfinite(loss):
         raise LorafleetError(f"rank {rank} on {backend}: non-finite loss {loss}")
-    return {"rank": rank, "peak_rss_bytes": peak_rss_bytes(), "step_seconds": statistics.median(seconds),
+    return {"rank": rank, "device_memory_bytes": max(0, peak_rss_bytes() - baseline),
+            "step_seconds": statistics.median(seconds),
             "cpu_seconds": statistics.median(cpu)}
+
+
+def _import_runtime(backend: str) -> None:
+    """Load ``backend``'s runtime libraries (what a device app links) before the memory baseline is taken."""
+    import importlib
+
+    modules = {"executorch": ["executorch.extension.training", "executorch.runtime"],
+               "onnxruntime": ["onnxruntime", "onnxruntime.training.api"],
+               "torch": ["torch", "transformers", "peft"]}
+    for name in modules.get(backend, []):
+        importlib.import_module(name)
 
 
 if __name__ == "__main__":

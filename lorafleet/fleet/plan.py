@@ -54,7 +54,7 @@ class HostProfile:
     def to_json(self) -> dict[str, Any]:
         r = self.result
         return {"backend": self.backend, "device": r.device.to_json(),
-                "measurements": [{"rank": m.rank, "peak_rss_bytes": m.peak_rss_bytes,
+                "measurements": [{"rank": m.rank, "device_memory_bytes": m.device_memory_bytes,
                                   "step_seconds": round(m.step_seconds, 6)} for m in r.measurements],
                 "predictions": [{"rank": p.rank, "peak_bytes": p.peak_bytes, "step_seconds": round(p.step_seconds, 6),
                                  "adapter_bytes": p.adapter_bytes} for p in r.predictions],
