@@ -103,8 +103,9 @@ def _bench_backend(pkg: Any, backend: str, steps: int, host_gflops: float,
             selections.append({"profile": prof.id, "memory_fraction": b.memory_fraction,
                                "time_budget_seconds": b.time_budget_seconds, "selected_rank": decision.selected_rank,
                                "verdict": decision.reasons[-1]})
-    fit_points = [{"rank": x.rank, "device_memory_bytes": x.device_memory_bytes, "step_seconds": round(x.step_seconds, 5),
-                   "cpu_seconds": round(x.cpu_seconds, 5)} for x in result.measurements]
+    fit_points = [{"rank": x.rank, "device_memory_bytes": x.device_memory_bytes,
+                   "step_seconds": round(x.step_seconds, 5), "cpu_seconds": round(x.cpu_seconds, 5)}
+                  for x in result.measurements]
     return {"profile_seconds": round(profile_seconds, 1), "fit_reasons": result.decision.reasons[:2],
             "fit_measurements": fit_points,
             "ranks": rows, "selections": selections}

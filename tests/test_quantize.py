@@ -212,6 +212,10 @@ def test_onnx_artifacts_keep_the_integer_weights_and_a_lora_only_checkpoint(int4
     assert not [t.name for t in inits.values() if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2
                 and t.dims[0] * t.dims[1] >= 64 * 32]
     assert {i.name for i in model.graph.input} & set(inits) == set()
+    # each dequantization waits for its reader's activation (a Reshape of the stored bytes to their own shape,
+    # fed by that activation's Shape) instead of running whenever ORT likes, e.g. all of them up front
+    readers = {n.op_type for n in model.graph.node for i in n.input if i in {t.name for t in ints}}
+    assert readers <= {"Reshape", "Shape", "Gather"} and "Reshape" in readers
     from onnxruntime.training.api import CheckpointState
 
     state = CheckpointState.load_checkpoint(str(rank_dir / "checkpoint"))

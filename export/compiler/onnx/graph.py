@@ -257,9 +257,10 @@ def quantized_storage(model: Any, skip: set[str]) -> set[str]:
 def rematerialize_constant_subgraphs(model: Any, constants: set[str], seeds: set[str]) -> int:
     """ONNX counterpart of :func:`lorafleet.export.compiler.executorch.passes.rematerialize_constant_subgraphs`
     on an ``onnx.ModelProto``: every value computed from a quantized weight in ``seeds`` and other
-    ``constants`` alone (a dequantized weight) is recomputed, by copies of its nodes placed just before each
-    further reader, so the backward's product
-    ``dL/dx = dL/dy · W`` does not keep the forward's ``W`` alive. Returns the number of nodes added."""
+    ``constants`` alone (a dequantized weight) is computed just before its first reader (the exporter and ORT's
+    builder may have hoisted it to the start of the graph) and recomputed, by copies of its nodes, just before
+    each further reader, so the backward's product ``dL/dx = dL/dy · W`` does not keep the forward's ``W``
+    alive. Returns the number of nodes added."""
     graph = model.graph
     nodes = list(graph.node)
     producer = {out: n for n in nodes for out in n.output}
@@ -284,24 +285,35 @@ def rematerialize_constant_subgraphs(model: Any, constants: set[str], seeds: set
                 stack.extend(i for i in n.input if i)
         return seen
 
+    index = {id(n): k for k, n in enumerate(nodes)}
+    # a dequantization runs where it is read: the exporter and ORT's builder may have put it far earlier
+    deferred = {id(n) for n in nodes if n.op_type != "Constant" and any(o in derived for o in n.output)
+                and all(o in const for o in n.output)}
     claimed: dict[int, int] = {}  # id(node) -> id(first reader)
+    emitted: set[int] = set()
     out_nodes: list[Any] = []
     added = 0
     for n in nodes:
+        if id(n) in deferred or (n.output and all(o in const for o in n.output) and id(n) in emitted):
+            continue
         if n.output and all(o in const for o in n.output):
             out_nodes.append(n)
+            emitted.add(id(n))
             continue
         for k, value in enumerate(n.input):
             if not value or value not in derived or value in constants:
                 continue
-            tree = subtree(value)
+            tree = sorted(subtree(value), key=lambda t: index[id(t)])
             if all(claimed.get(id(t), id(n)) == id(n) for t in tree):
                 for t in tree:
                     claimed[id(t)] = id(n)
+                    if id(t) not in emitted:
+                        out_nodes.append(t)
+                        emitted.add(id(t))
                 continue
             suffix = f"_remat{added}"
             renamed: dict[str, str] = {}
-            for t in sorted(tree, key=nodes.index):
+            for t in tree:
                 clone = type(t)()
                 clone.CopyFrom(t)
                 clone.name = (t.name or t.op_type) + suffix
@@ -315,7 +327,57 @@ def rematerialize_constant_subgraphs(model: Any, constants: set[str], seeds: set
                 added += 1
             n.input[k] = renamed[value]
         out_nodes.append(n)
-    if added:
-        del graph.node[:]
-        graph.node.extend(out_nodes)
+    out_nodes += [n for n in nodes if id(n) in deferred and id(n) not in emitted]  # read by nothing
+    del graph.node[:]
+    graph.node.extend(_tie_to_readers(out_nodes, seeds, const))
     return added
+
+
+def _tie_to_readers(nodes: list[Any], seeds: set[str], const: set[str]) -> list[Any]:
+    """Make each dequantization wait for its reader's activation: ORT may schedule a node whose inputs are all
+    initializers at any point, e.g. every layer's dequantization before the first layer runs.
+
+    Each node reading a quantized weight ``q`` for a reader ``y = f(x, W(q))`` reads instead
+    ``Reshape(q, Add(shape(q), Mul(Shape(x)[:1], 0)))`` — the same bytes (a reshape to its own shape: no copy),
+    but only once ``x`` exists.
+    """
+    from onnx import helper
+
+    producer = {o: n for n in nodes for o in n.output}
+    out: list[Any] = []
+    pending: dict[int, str] = {}  # id(tree node) -> the activation its reader waits for
+    for n in reversed(nodes):  # readers come after their trees: walk back to mark each tree with its reader
+        if n.output and all(o in const for o in n.output):
+            continue
+        acts = [i for i in n.input if i and i not in const]
+        if not acts:
+            continue
+        stack = [i for i in n.input if i in const and i not in seeds]
+        while stack:
+            t = producer.get(stack.pop())
+            if t is None or id(t) in pending:
+                continue
+            pending[id(t)] = acts[0]
+            stack.extend(i for i in t.input if i in const and i not in seeds)
+    count = 0
+    for t in nodes:
+        act = pending.get(id(t))
+        if act is not None and any(i in seeds for i in t.input):
+            for k, value in enumerate(list(t.input)):
+                if value not in seeds:
+                    continue
+                tag = f"{value}_after{count}"
+                count += 1
+                out += [
+                    helper.make_node("Shape", [act], [f"{tag}_s"], name=f"{tag}_shape", start=0, end=1),
+                    helper.make_node("Mul", [f"{tag}_s", f"{tag}_zero"], [f"{tag}_z"], name=f"{tag}_mul"),
+                    helper.make_node("Shape", [value], [f"{tag}_own"], name=f"{tag}_ownshape"),
+                    helper.make_node("Add", [f"{tag}_own", f"{tag}_z"], [f"{tag}_shape_out"], name=f"{tag}_add"),
+                    helper.make_node("Reshape", [value, f"{tag}_shape_out"], [tag], name=f"{tag}_reshape"),
+                ]
+                out.insert(len(out) - 4, helper.make_node(
+                    "Constant", [], [f"{tag}_zero"], name=f"{tag}_zero_const",
+                    value=helper.make_tensor(f"{tag}_zero_value", 7, [1], [0])))
+                t.input[k] = tag
+        out.append(t)
+    return out
