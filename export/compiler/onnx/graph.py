@@ -322,6 +322,7 @@ def rematerialize_constant_subgraphs(model: Any, constants: set[str], seeds: set
                 del clone.output[:]
                 for o in t.output:
                     renamed[o] = o + suffix
+                    const.add(renamed[o])  # a copy is a dequantization too (for _tie_to_readers)
                 clone.output.extend(renamed[o] for o in t.output)
                 out_nodes.append(clone)
                 added += 1
