@@ -61,21 +61,8 @@ class Quantization:
         """Inputs per scale for a row of ``in_features``."""
         return in_features if self.mode == "int8" else int(self.group_size or DEFAULT_GROUP)
 
-    @property
-    def bits(self) -> int:
-        return {"none": 32, "int8": 8, "int4": 4}[self.mode]
 
     def check(self, name: str, in_features: int) -> None:
         if self.mode == "int4" and in_features % self.block(in_features):
             raise ConfigError(f"quantize {self}: {name} has {in_features} inputs, not a multiple of the group "
                               f"size {self.group_size} (choose int4:G with G dividing {in_features})")
-
-
-
-def stored_bytes_per_weight(q: Quantization) -> float:
-    """Bytes one quantized weight takes with its share of the scales (fp32 scales)."""
-    if q.mode == "int8":
-        return 1.0  # + 4 bytes per row: counted by the caller from the real shapes
-    if q.mode == "int4":
-        return 0.5 + 4.0 / float(q.group_size or DEFAULT_GROUP)
-    return 4.0
