@@ -36,6 +36,7 @@ from logging import INFO, WARNING
 from typing import TYPE_CHECKING, Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
@@ -107,6 +108,7 @@ class LoraFleetStrategy(FedAvg):
         self.round_offset = state.round  # Flower counts rounds from 1 in every run; a resumed run continues
         self._sent: dict[int, int] = {}  # node id -> rank sent this round
         self._payloads: dict[int, Adapter] = {}  # rank -> the adapter sent at that rank this round
+        self._messages: list[Message] = []  # this round's train messages (Flower sets their ids when it pushes)
         self._round_started = 0.0
         self._configure_seconds = 0.0
 
@@ -138,7 +140,7 @@ class LoraFleetStrategy(FedAvg):
         ``arrays`` is ignored: the strategy keeps the global adapter itself, at full precision.
         """
         self._round_started = time.perf_counter()
-        self._sent, self._payloads = {}, {}
+        self._sent, self._payloads, self._messages = {}, {}, []
         rnd = server_round + self.round_offset
         self._wait_for_nodes(grid)
         eligible = self.eligible_nodes(grid, rnd)
@@ -161,6 +163,7 @@ class LoraFleetStrategy(FedAvg):
             content = RecordDict({P.ARRAYS: records[r], P.CONFIG: self._train_config(config, rnd, r)})
             messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN))
             self._sent[node] = r
+        self._messages = messages
         self._configure_seconds = time.perf_counter() - start
         log(INFO, "configure_train: round %d sends ranks %s", rnd, _counts(self._sent.values()))
         return messages
@@ -179,7 +182,12 @@ class LoraFleetStrategy(FedAvg):
                  P.LOCAL_STEPS: self.settings.local_steps}
         messages = [Message(RecordDict({P.CONFIG: ConfigRecord(dict(query))}), dst_node_id=n,
                             message_type=MessageType.QUERY) for n in unknown]
-        for reply in grid.send_and_receive(messages, timeout=self.settings.round_timeout):
+        unanswered: dict[int, str] = {}
+        replies = _from_devices(messages, grid.send_and_receive(messages, timeout=self.settings.round_timeout),
+                                unanswered)
+        for node, why in unanswered.items():
+            log(WARNING, "node %d did not answer the rank query: %s", node, why)
+        for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():
                 log(WARNING, "node %d did not answer the rank query: %s", node, reply.error.reason)
@@ -227,8 +235,10 @@ class LoraFleetStrategy(FedAvg):
         """Validate, bound and aggregate the round's replies, checkpoint; see the module docstring."""
         rnd = server_round + self.round_offset
         start = time.perf_counter()
-        replies = list(replies)
+        unanswered: dict[int, str] = {}
+        replies = _from_devices(self._messages, replies, unanswered)
         dropped = {n: why for n, why in self.screen_replies(rnd, replies).items() if n in self._sent}
+        dropped.update({n: why for n, why in unanswered.items() if n in self._sent})
         updates = self._validated([r for r in replies if r.metadata.src_node_id not in dropped], dropped)
         validated = time.perf_counter()
         s = self.settings
@@ -294,6 +304,28 @@ class LoraFleetStrategy(FedAvg):
         for node in self._sent.keys() - updates.keys() - dropped.keys():
             dropped[node] = f"no reply within the round timeout ({self.settings.round_timeout:g} s)"
         return updates
+
+
+def _from_devices(sent: Iterable[Message], replies: Iterable[Message], unanswered: dict[int, str]) -> list[Message]:
+    """The replies the devices sent; each reply the SuperLink made for a device goes into ``unanswered``.
+
+    When a node's heartbeat lapses, or a reply expires, the SuperLink answers a message itself with an error
+    whose source is the SuperLink (``SUPERLINK_NODE_ID``), not the node. It is attributed to the node the
+    message went to (through ``reply_to_message_id``) and recorded only if that node sent no reply of its own:
+    a device's own reply is what counts.
+    """
+    addressee = {m.metadata.message_id: m.metadata.dst_node_id for m in sent}
+    own, made = [], {}
+    for reply in replies:
+        if reply.metadata.src_node_id == SUPERLINK_NODE_ID and reply.has_error():
+            node = addressee.get(reply.metadata.reply_to_message_id)
+            if node is not None:
+                made[node] = f"the SuperLink answered for the device: {reply.error.reason}"
+        else:
+            own.append(reply)
+    answered = {r.metadata.src_node_id for r in own}
+    unanswered.update({n: why for n, why in made.items() if n not in answered})
+    return own
 
 
 class _NodesView:

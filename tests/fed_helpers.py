@@ -25,6 +25,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 Device = Callable[[Any], Any]  # Message -> Message
+LAPSED = "lapsed"  # a device function's answer when the SuperLink answers for it (its heartbeat lapsed)
 
 
 # --- an in-process Grid -----------------------------------------------------------------------------------
@@ -51,17 +52,27 @@ class LoopbackGrid:
         return list(self.devices)
 
     def send_and_receive(self, messages: Iterable[Any], *, timeout: float | None = None) -> Iterable[Any]:
+        from uuid import uuid4
+
         from flwr.app import Message
+        from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 
         replies = []
         for msg in messages:
             node = msg.metadata.dst_node_id
             content, n_in = wire(msg.content)
             delivered = Message(content, dst_node_id=node, message_type=msg.metadata.message_type)
+            for m in (msg, delivered):  # Flower's grids give the pushed message its id in place
+                m.metadata.__dict__["_message_id"] = msg.metadata.message_id or str(uuid4())
             self.sent.append(delivered)
             answer = self.devices[node](delivered)
             if answer is None:  # the device never answers
                 continue
+            if isinstance(answer, (str, tuple)):  # LAPSED or (LAPSED, reply): the SuperLink answers for the node,
+                replies.append(create_message_error_unavailable_res_message(delivered.metadata, "node_unavail"))
+                if isinstance(answer, str):
+                    continue
+                answer = answer[1]  # ... and with a tuple the device's own reply arrives too
             if answer.has_error():
                 replies.append(answer)
                 continue

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from export_helpers import fake_package
-from fed_helpers import LoopbackGrid, received_arrays, reply
+from fed_helpers import LAPSED, LoopbackGrid, received_arrays, reply
 from flwr.app import Error, Message
 
 from lorafleet.export.formats import protocol as P
@@ -133,13 +133,15 @@ def misbehaving(kind: str):
             return Message(Error(code=1, reason="out of memory"), reply_to=msg)
         elif kind == "silent":
             return None
+        elif kind == "lapsed":
+            return LAPSED
         return reply(msg, arrays, metrics)
     return device
 
 
 BAD = {"nan": "NaN or Inf", "shape": "is not the expected", "rank": "rank 8 differs from the rank 4",
        "keys": "unexpected", "examples": "num-examples must be an integer", "error": "out of memory",
-       "silent": "no reply within the round timeout"}
+       "silent": "no reply within the round timeout", "lapsed": "the SuperLink answered for the device: "}
 
 
 def test_misbehaving_devices_are_dropped_and_the_rest_aggregated(package, tmp_path):
@@ -154,6 +156,21 @@ def test_misbehaving_devices_are_dropped_and_the_rest_aggregated(package, tmp_pa
     expected = aggregate("hetlora", adapters, [3, 4], rank=8)
     assert all(torch.equal(final.state_dict()[k], v.float()) for k, v in expected.state_dict().items())
     assert all(torch.isfinite(t).all() for t in final.state_dict().values())
+
+
+def test_a_reply_the_superlink_made_for_a_device_counts_only_when_the_device_sent_none(package, tmp_path):
+    """Flower's SuperLink answers a message itself (source: the SuperLink, not the node) when the node's
+    heartbeat lapses; the strategy attributes it to the node it was for, and a device's own reply wins."""
+    class Flaky(Device):
+        def __call__(self, msg):
+            answer = super().__call__(msg)
+            return (LAPSED, answer) if msg.metadata.message_type == "train" else answer
+
+    good = {1: Device(2, 1, n=3), 2: Flaky(8, 2, n=4), 3: Device(4, 3)}
+    state, _, _ = run(package, tmp_path, {**good, 4: misbehaving("lapsed")}, method="flexlora", rounds=1)
+    (entry,) = state.history
+    assert sorted(entry["valid"]) == ["1", "2", "3"]
+    assert list(entry["dropped"]) == ["4"] and entry["dropped"]["4"].startswith(BAD["lapsed"])
 
 
 def test_too_few_valid_replies_keep_the_global_adapter(package, tmp_path):
