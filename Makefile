@@ -11,6 +11,7 @@ export FLWR_TELEMETRY_ENABLED = 0
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
+	@echo "installing lorafleet and its stack into $(VENV) (about 3 minutes the first time)"
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
@@ -22,6 +23,7 @@ demo: install
 # Two pytest workers (CI has 2 cores); a test file stays on one worker, so its module fixtures are built once.
 TEST_WORKERS ?= 2
 test: install
+	@echo "running the test suite on $(TEST_WORKERS) workers (about 20 minutes on 2 cores; a dot per test)"
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 lint: install

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,7 +51,8 @@ class TrainResult:
 def train_local(package: Package | str | Path, rank: int, backend: str | TrainingBackend,
                 examples: Sequence[Example], *, initial_adapter: Adapter | None = None, steps: int,
                 batch_size: int | None = None, lr: float = 1e-4, seed: int = 0,
-                self_prune: SelfPruneConfig | bool = False) -> TrainResult:
+                self_prune: SelfPruneConfig | bool = False,
+                on_step: Callable[[int, float, float], None] | None = None) -> TrainResult:
     """Train ``rank`` of ``package`` on ``examples`` for ``steps`` steps and return the result.
 
     ``backend`` is a name (``executorch``, ``onnxruntime``, ``torch``) or a backend built earlier for this
@@ -60,6 +61,7 @@ def train_local(package: Package | str | Path, rank: int, backend: str | Trainin
     package's initial weights; a larger-rank adapter is truncated to ``rank`` (HetLoRA's distribution), a
     smaller one is refused. ``batch_size`` defaults to the package's; compiled programs take only that one.
     ``self_prune``: ``True`` (paper defaults) or a :class:`SelfPruneConfig` turns on HetLoRA self-pruning.
+    ``on_step(step, loss, seconds)`` is called after every step (step counts from 1).
     """
     self_prune_config = SelfPruneConfig() if self_prune is True else (self_prune or None)
     reset_peak_rss()
@@ -92,6 +94,8 @@ def train_local(package: Package | str | Path, rank: int, backend: str | Trainin
             raise ConfigError(f"training diverged at step {i + 1} (loss {loss}); lower the learning rate "
                               f"(lr={lr})")
         losses.append(loss)
+        if on_step is not None:
+            on_step(i + 1, loss, seconds[-1])
     adapter, decision = be.adapter_state(), None
     if self_prune_config is not None and received is not None:
         adapter, decision = apply_self_prune(received, adapter, self_prune_config, pkg.ranks)

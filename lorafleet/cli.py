@@ -21,7 +21,7 @@ app = typer.Typer(
     name="lorafleet",
     help="Federated LoRA fine-tuning for on-device language models.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion (bash, zsh, fish, PowerShell)
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},  # inherited by every subcommand's context
 )

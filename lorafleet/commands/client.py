@@ -62,7 +62,8 @@ def client(
     exit_on_finish: Annotated[bool, typer.Option("--exit-on-finish",
                                                  help="Exit (0) when the run's last round is done instead of "
                                                       "waiting for the next run.")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show all of Flower's output.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show all of Flower's output (with --dry-run: "
+                                                                  "the runtimes' warnings and logs).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="With --dry-run: print the report as JSON.")] = False,
 ) -> None:
     """Run a lorafleet device on Flower (SuperNode + the lorafleet ClientApp), or check it with --dry-run."""
@@ -83,7 +84,10 @@ def client(
         load_profile(profile)  # a one-line error now rather than in the ClientApp
         profile_path = str(resolve_profile_path(profile).resolve())
     if dry_run:
-        _dry_run(package, data, backend, profile_path, measure, as_json)
+        from lorafleet.commands.output import third_party_log
+
+        with third_party_log("client-dry-run", verbose=verbose):
+            _dry_run(package, data, backend, profile_path, measure, as_json)
         return
     assert server is not None and data is not None
     pkg = open_package(package)  # checks every file once; the ClientApp then trusts the package

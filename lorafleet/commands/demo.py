@@ -15,6 +15,7 @@ from typing import Annotated, Any
 import typer
 
 from lorafleet.commands.options import examples
+from lorafleet.commands.output import Quiet, Verbose, console, third_party_log
 from lorafleet.export.formats.errors import ConfigError
 
 DEMO_MIX = {"jetson-orin-nano-8gb": 1.0, "raspberry-pi-5-8gb": 1.0, "pixel-8": 1.0, "android-mid-6gb": 1.0}
@@ -36,6 +37,8 @@ def demo(
     = Path("demo-out"),
     max_new_tokens: Annotated[int, typer.Option(
         "--max-new-tokens", min=1, max=512, help="Tokens of the sample answers shown at the end.")] = 32,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
 ) -> None:
     """Export SmolLM2-135M, profile this machine, emulate an 8-device FlexLoRA fleet, write the report."""
     import time
@@ -43,7 +46,7 @@ def demo(
     from lorafleet.commands.fleet import print_result
     from lorafleet.export.compiler.models import parse_spec
     from lorafleet.fleet import run_fleet
-    from lorafleet.fleet.progress import RichProgress
+    from lorafleet.fleet.progress import progress_for
 
     parse_spec(model)  # a bad spec fails here, before anything is written
     _clear_previous(out)
@@ -53,10 +56,11 @@ def demo(
                f"({', '.join(DEMO_MIX)}) × {cfg.rounds} rounds of {cfg.method} (deadline "
                f"{cfg.round_deadline:g} s, {cfg.local_steps} local steps) → report in {out}/")
     started = time.perf_counter()
-    with RichProgress(cfg.rounds) as progress:
-        result = run_fleet(cfg, progress=progress)
-    _print_fleet(result)
-    _print_sample(result, model, max_new_tokens)
+    with third_party_log("demo", verbose=verbose):
+        with progress_for(cfg.rounds, quiet=quiet) as progress:
+            result = run_fleet(cfg, progress=progress)
+        _print_fleet(result)
+        _print_sample(result, model, max_new_tokens)
     print_result(result)
     typer.echo(f"({time.perf_counter() - started:.0f} s)")
 
@@ -78,18 +82,17 @@ def _clear_previous(out: Path) -> None:
 
 
 def _print_fleet(result: Any) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     choice = result.report.rank_choice
     host, emulation = choice["host"], choice.get("emulation", {})
-    console = Console(soft_wrap=True)
+    screen = console()
     if host is not None:
         steps = ", ".join(f"rank {m['rank']}: {m['step_seconds']:.2f} s" for m in host["measurements"])
-        console.print(f"this machine: {host['device']['gflops']:.1f} GFLOP/s per simulation worker; one training "
+        screen.print(f"this machine: {host['device']['gflops']:.1f} GFLOP/s per simulation worker; one training "
                       f"step ({host['backend']}): {steps}")
     else:
-        console.print(f"device step times from each rank's FLOPs at {emulation.get('efficiency', 0):.0%} of the "
+        screen.print(f"device step times from each rank's FLOPs at {emulation.get('efficiency', 0):.0%} of the "
                       f"profile's GFLOP/s (the same on any machine; --emulation measured times this one)")
     table = Table(title="ranks chosen by the profiler's rule (deadline "
                         f"{choice['budgets']['time_budget_seconds']:g} s)")
@@ -102,18 +105,19 @@ def _print_fleet(result: Any) -> None:
         why = fit["round"] if fit else p["reasons"][-1]
         table.add_row(name, str(profiles.count(name)), f"{p['gflops']:g}", f"{p['availability']:.0%}",
                       str(rank) if rank is not None else "none", why)
-    console.print(table)
+    screen.print(table)
 
 
 def _print_sample(result: Any, model: str, max_new_tokens: int) -> None:
-    """The first held-out families (never trained on), one example each, answered before and after the fleet."""
+    """One example of every held-out family (never trained on), answered before and after the fleet and scored
+    with the report's own metric: the best and the worst answers, and how coarse the mean is."""
     from lorafleet import tasks
     from lorafleet.export.compiler.models import load_model
     from lorafleet.export.formats.adapter import read_adapter
     from lorafleet.fleet import GLOBAL_DIR
     from lorafleet.fleet.evaluate import applied, generate_answers
 
-    examples = [(f, tasks.generate(f, 1, seed=1, stream="eval")[0]) for f in tasks.heldout_families()[:3]]
+    examples = [(f, tasks.generate(f, 1, seed=1, stream="eval")[0]) for f in tasks.heldout_families()]
     loaded = load_model(model)
 
     def answers() -> list[str]:
@@ -123,7 +127,36 @@ def _print_sample(result: Any, model: str, max_new_tokens: int) -> None:
     before = answers()
     with applied(loaded.model, read_adapter(result.out / GLOBAL_DIR)):
         after = answers()
-    typer.echo("held-out tasks (families never trained on), answered by the untrained model → after the fleet:")
-    for (family, ex), b, a in zip(examples, before, after, strict=True):
-        prompt = ex.instruction + (f" {ex.input}" if ex.input else "")
-        typer.echo(f"  [{family}] {prompt}\n    reference: {ex.output!r}; untrained: {b!r} → fleet: {a!r}")
+    for line in sample_lines(examples, before, after):
+        typer.echo(line)
+
+
+def sample_lines(examples: list[tuple[str, Any]], before: list[str], after: list[str], shown: int = 2,
+                 resamples: int = 2000) -> list[str]:
+    """The ``shown`` best and worst answers after the fleet by their Rouge-L (the metric the report averages),
+    then the mean change with a paired bootstrap 95 % interval over these examples."""
+    import numpy as np
+
+    from lorafleet.fleet.evaluate import rouge_l
+
+    rows = [(family, ex, b, a, rouge_l(b, ex.output), rouge_l(a, ex.output))
+            for (family, ex), b, a in zip(examples, before, after, strict=True)]
+    order = sorted(range(len(rows)), key=lambda i: (-rows[i][5], rows[i][0]))
+    best = order[:shown]
+    worst = [i for i in order[::-1] if i not in best][:shown]
+    lines = [f"held-out tasks (families never trained on): {len(rows)} answers scored with Rouge-L F, "
+             "untrained model → after the fleet"]
+    for label, picked in (("best", best), ("worst", worst)):
+        for i in picked:
+            family, ex, b, a, sb, sa = rows[i]
+            prompt = ex.instruction + (f" {ex.input}" if ex.input else "")
+            lines.append(f"  {label} [{family}] {prompt}\n    reference: {ex.output!r}\n"
+                         f"    untrained ({sb:.2f}): {b!r}\n    fleet ({sa:.2f}): {a!r}")
+    change = np.array([r[5] - r[4] for r in rows])
+    draws = np.random.default_rng(0).integers(0, len(rows), size=(resamples, len(rows)))
+    low, high = np.percentile(change[draws].mean(axis=1), [2.5, 97.5])
+    lines.append(f"mean Rouge-L of these {len(rows)}: {np.mean([r[4] for r in rows]):.2f} → "
+                 f"{np.mean([r[5] for r in rows]):.2f}, change {change.mean():+.2f} (paired bootstrap 95 % "
+                 f"interval {low:+.2f} … {high:+.2f}); one answer moves the mean by up to {1 / len(rows):.2f}, "
+                 "so treat differences smaller than the interval's width as noise")
+    return lines

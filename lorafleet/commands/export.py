@@ -7,12 +7,14 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from lorafleet.commands.options import INTS, NAMES, examples
+from lorafleet.commands.output import Quiet, Verbose, console, say, third_party_log
 
 
 def export(
@@ -32,16 +34,19 @@ def export(
         "--quantize", help="Frozen-base storage: none (fp32), int8 (per output channel) or int4[:G] (groups of G "
                            "inputs, default 32); every linear, the embedding and the LM head.")] = "none",
     force: Annotated[bool, typer.Option("--force", help="Replace an existing package at --out.")] = False,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
 ) -> None:
     """Compile a model and LoRA heads into an edge package for ExecuTorch and ONNX Runtime."""
-    import sys
-
     from lorafleet.export.compiler.pipeline import ExportConfig, run_export
 
     cfg = ExportConfig(model=model, ranks=ranks, target_modules=target_modules, out=out,
                        lora_alpha=lora_alpha, seq_len=seq_len, batch_size=batch_size, adapter=adapter,
                        runtimes=runtimes, quantize=quantize, force=force)
-    result = run_export(cfg, log=lambda msg: print(f"[export] {msg}", file=sys.stderr, flush=True))
+    with third_party_log("export", verbose=verbose):
+        started = time.perf_counter()
+        result = run_export(cfg, log=lambda msg: say(f"[export] {msg} (at {time.perf_counter() - started:.0f} s)",
+                                                     quiet=quiet))
     _summary(result)
 
 
@@ -54,7 +59,6 @@ def register(app: typer.Typer) -> None:
 
 
 def _summary(result: object) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     from lorafleet.export.compiler.pipeline import ExportResult
@@ -68,15 +72,15 @@ def _summary(result: object) -> None:
         art = m.rank(r)
         table.add_row(str(r), f"{art.trainable_parameters:,}", _mb(art.size_bytes),
                       _mb(art.estimates.training_peak_memory_bytes), f"{art.estimates.flops_per_step / 1e9:.1f}")
-    console = Console()
-    console.print(table)
+    out = console()
+    out.print(table)
     for rel, entry in m.shared_files.items():
-        console.print(f"shared: {rel} {_mb(entry.size)}")
+        out.print(f"shared: {rel} {_mb(entry.size)}")
     worst: dict[str, float] = {}
     for c in m.verification["checks"]:
         worst[c["metric"]] = max(worst.get(c["metric"], 0.0), c["value"])
-    console.print("verified against eager PEFT: " + ", ".join(f"{k} ≤ {v:.2g}" for k, v in worst.items()))
-    console.print("stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in result.seconds.items()))
+    out.print("verified against eager PEFT: " + ", ".join(f"{k} ≤ {v:.2g}" for k, v in worst.items()))
+    out.print("stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in result.seconds.items()))
 
 
 def _mb(n: int) -> str:

@@ -22,6 +22,7 @@ import click
 import typer
 
 from lorafleet.commands.options import INTS, NUMBER, examples
+from lorafleet.commands.output import Quiet, Verbose, third_party_log
 from lorafleet.export.formats.errors import ConfigError, LorafleetError
 
 
@@ -111,6 +112,8 @@ def fleet(
     resume: Annotated[bool, typer.Option(
         "--resume", help="Continue the interrupted run in --out from its last completed round "
                          "(same settings).")] = False,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
 ) -> None:
     """Emulate a fleet of edge devices on Flower's simulation engine and write a report."""
     from lorafleet.fleet import fleetfile
@@ -137,13 +140,13 @@ def fleet(
     base_metrics = report_metrics(read_report(baseline_dir)) if baseline_dir is not None else None
 
     from lorafleet.fleet import run_fleet
-    from lorafleet.fleet.progress import RichProgress
+    from lorafleet.fleet.progress import progress_for
 
     # a run that had begun records its error; a report already there (or being resumed) is never touched
     fresh = not cfg.resume and (not cfg.out.exists() or (cfg.out.is_dir() and not any(cfg.out.iterdir())))
     started, clock = time.time(), time.perf_counter()
     try:
-        with RichProgress(cfg.rounds) as progress:
+        with third_party_log("fleet", verbose=verbose), progress_for(cfg.rounds, quiet=quiet) as progress:
             result = run_fleet(cfg, progress=progress)
     except LorafleetError as exc:
         if fresh and cfg.out.is_dir():  # the run had begun: CI still finds junit.xml and summary.json, with the error

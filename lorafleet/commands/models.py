@@ -11,9 +11,9 @@ from lorafleet.commands.options import examples
 
 def models(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
     """List the named model specs (local HF directories and .gguf paths are accepted too)."""
-    from rich.console import Console
     from rich.table import Table
 
+    from lorafleet.commands.output import console as make_console
     from lorafleet.export.compiler.models import list_models
     from lorafleet.export.formats.cache import cache_dir
 
@@ -26,7 +26,7 @@ def models(as_json: bool = typer.Option(False, "--json", help="Print JSON instea
         table.add_column(col)
     for row in rows:
         table.add_row(row["spec"], row["weights"], row["source"])
-    console = Console()
+    console = make_console()
     console.print(table)
     console.print("Also: a local Hugging Face model directory, or a path to a .gguf file.")
     console.print(f"Model cache: {cache_dir()} (set LORAFLEET_CACHE to move it)")

@@ -108,10 +108,11 @@ def _verification(v: dict[str, Any]) -> dict[str, Any]:
 
 
 def _print_summary(s: dict[str, Any]) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console(highlight=False)
+    from lorafleet.commands.output import console as make_console
+
+    console = make_console(highlight=False)
     model = s["model"]
     console.print(f"edge package {s['path']} (format {s['format_version']}, {s['created_by']})")
     console.print(f"model: {model['spec']} ({model['architecture']}, {model['num_layers']} layers, hidden "

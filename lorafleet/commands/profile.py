@@ -10,6 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from lorafleet.commands.options import examples
+from lorafleet.commands.output import Quiet, Verbose, console, say, third_party_log
 
 
 class BackendName(StrEnum):
@@ -28,6 +29,8 @@ def profile(
     time_budget: Annotated[float | None, typer.Option(
         "--time-budget", help="Seconds per local round: 20 steps plus adapter download and upload.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
 ) -> None:
     """Measure this device and pick the largest LoRA rank whose training fits its memory and time budgets."""
     from lorafleet.edge_client.device import DEFAULT_SHAPES, emulate, measure_device
@@ -43,9 +46,14 @@ def profile(
     if pkg is not None:
         tokens = pkg.manifest.batch_size * pkg.manifest.seq_len
         shapes = tuple((tokens, i, o) for o, i in pkg.manifest.model.module_shapes.values())
-    host = measure_device(shapes)
-    device = emulate(prof, host.gflops) if prof else host
-    result = profile_device(device, pkg, backend.value, budgets)
+    with third_party_log("profile", verbose=verbose):
+        say("measuring this machine (memory, matmul throughput, copy bandwidth)", quiet=quiet or as_json)
+        host = measure_device(shapes)
+        device = emulate(prof, host.gflops) if prof else host
+        if pkg is not None:
+            say(f"training steps of ranks {min(pkg.ranks)} and {max(pkg.ranks)} on {backend.value}, each in a fresh "
+                "process", quiet=quiet or as_json)
+        result = profile_device(device, pkg, backend.value, budgets)
     if as_json:
         typer.echo(json.dumps(result.to_json(), indent=2, ensure_ascii=False))
     else:
@@ -60,14 +68,13 @@ def register(app: typer.Typer) -> None:
 
 
 def _print_table(out: dict[str, Any]) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     from lorafleet.edge_client.rank_choice import fmt_bytes
 
-    console = Console()
+    screen = console()
     d = out["device"]
-    console.print(f"[bold]{d['name']}[/bold] ({d['source']}): {fmt_bytes(d['memory_available_bytes'])} available "
+    screen.print(f"[bold]{d['name']}[/bold] ({d['source']}): {fmt_bytes(d['memory_available_bytes'])} available "
                   f"of {fmt_bytes(d['memory_total_bytes'])}, {d['cpu_count']} CPUs, {d['gflops']:.1f} GFLOP/s, "
                   f"{d['memory_bandwidth_gbs']:.1f} GB/s")
     if out["candidates"]:
@@ -77,7 +84,7 @@ def _print_table(out: dict[str, Any]) -> None:
         for c in out["candidates"]:
             table.add_row(str(c["rank"]), fmt_bytes(c["predicted_peak_bytes"]), f"{c['predicted_step_seconds']:.3f}",
                           "yes" if c["fits"] else "no", c["why"])
-        console.print(table)
+        screen.print(table)
     for reason in out["reasons"]:
-        console.print(f"- {reason}")
-    console.print(f"selected rank: {out['selected_rank'] if out['selected_rank'] is not None else 'none'}")
+        screen.print(f"- {reason}")
+    screen.print(f"selected rank: {out['selected_rank'] if out['selected_rank'] is not None else 'none'}")

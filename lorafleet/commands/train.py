@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from lorafleet.commands.options import examples
+from lorafleet.commands.output import Quiet, Verbose, say, third_party_log
 from lorafleet.commands.profile import BackendName
 
 
@@ -31,8 +31,18 @@ def train(
     skip_invalid: Annotated[bool, typer.Option(
         "--skip-invalid", help="Skip malformed data lines (and count them) instead of failing.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a summary.")] = False,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
 ) -> None:
     """Train one rank of an edge package on instruction data and write the adapter (PEFT directory)."""
+    with third_party_log("train", verbose=verbose):
+        _train(package, rank, backend, data, steps, seed, out, adapter, batch_size, lr, self_prune, skip_invalid,
+               as_json, quiet)
+
+
+def _train(package: Path, rank: int, backend: BackendName, data: Path, steps: int, seed: int, out: Path,
+           adapter: Path | None, batch_size: int | None, lr: float, self_prune: bool, skip_invalid: bool,
+           as_json: bool, quiet: bool) -> None:
     from lorafleet.edge_client.data import read_jsonl
     from lorafleet.edge_client.trainer import train_local
     from lorafleet.export.formats.adapter import for_base_model, read_adapter, write_adapter
@@ -45,12 +55,19 @@ def train(
     pkg.manifest.rank(rank)
     dataset = read_jsonl(data, skip_invalid=skip_invalid)
     initial = read_adapter(adapter) if adapter is not None else None
+    every = max(1, steps // 20)  # at most ~20 progress lines, and always the last step
+
+    def progress(step: int, loss: float, seconds: float) -> None:
+        if step % every == 0 or step == steps:
+            say(f"step {step}/{steps}: loss {loss:.4f} ({seconds:.2f} s)", quiet=quiet or as_json)
+
+    say(f"training rank {rank} of {package} on {backend.value}: {len(dataset.examples)} examples, {steps} steps",
+        quiet=quiet or as_json)
     result = train_local(pkg, rank, backend.value, dataset.examples, initial_adapter=initial, steps=steps,
-                         batch_size=batch_size, lr=lr, seed=seed, self_prune=self_prune)
+                         batch_size=batch_size, lr=lr, seed=seed, self_prune=self_prune, on_step=progress)
     write_adapter(for_base_model(result.adapter, pkg.manifest.model.spec), out)
     if dataset.skipped:
-        print(f"skipped {dataset.skipped} malformed lines of {data} (lines {dataset.skipped_lines[:10]})",
-              file=sys.stderr)
+        say(f"skipped {dataset.skipped} malformed lines of {data} (lines {dataset.skipped_lines[:10]})")
     if as_json:
         typer.echo(json.dumps(result.to_json()))
         return

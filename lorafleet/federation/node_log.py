@@ -26,6 +26,9 @@ MESSAGE_ID = re.compile(r"\s*\(ID: [0-9a-f]+\)")
 QUIET_LEVELS = ("DEBUG", "INFO")
 RETRYING = "Connection attempt failed"  # repeated every few seconds while the server is away: shown once
 RECONNECTED = "Connection successful"  # ... until the node reaches the server again
+# after the run's last round the server goes away: the node's attempts to reach it are expected, not shown
+GONE = re.compile(r"Connection attempt failed|Giving up reconnection|Connection refused|failed to connect|"
+                  r"StatusCode\.UNAVAILABLE", re.I)
 
 
 @dataclass
@@ -34,6 +37,7 @@ class FlowerFilter:
 
     verbose: bool = False
     color: bool = False  # keep ANSI colours (the output is a terminal)
+    finished: bool = False  # the run's last round is done (connection failures are then expected)
     _showing: bool = True  # lines without a level belong to the last line that had one
     _retrying: bool = field(default=False, repr=False)
 
@@ -45,7 +49,7 @@ class FlowerFilter:
             m = LEVEL.match(plain)
             if m is not None:
                 retry = m["text"].startswith(RETRYING)
-                quiet = m["level"] in QUIET_LEVELS
+                quiet = m["level"] in QUIET_LEVELS or (self.finished and GONE.search(m["text"]) is not None)
                 self._showing = not quiet and not (retry and self._retrying)
                 if retry and self._showing:
                     self._retrying = True
@@ -66,7 +70,8 @@ def follow_node(node: subprocess.Popen[bytes], events: Path, echo: Callable[[str
                 exit_on_finish: bool, verbose: bool) -> int:
     """Echo ``node``'s filtered output and its events until it exits (or, with ``exit_on_finish``, the run
     is over); the exit status (0 when the run finished)."""
-    reader = None
+    reader: threading.Thread | None = None
+    keep: FlowerFilter | None = None
     if node.stdout is not None:
         keep = FlowerFilter(verbose=verbose, color=sys.stdout.isatty())
 
@@ -86,6 +91,8 @@ def follow_node(node: subprocess.Popen[bytes], events: Path, echo: Callable[[str
             echo(f"lorafleet: {render(event)}")
             if isinstance(event, RoundEvent) and event.final:
                 finished_at = time.monotonic()
+                if keep is not None:
+                    keep.finished = True
         if exit_on_finish and finished_at is not None and (
                 code is not None or time.monotonic() - finished_at > FINISH_GRACE):
             echo("lorafleet: the run is over (its last round is trained); stopping")

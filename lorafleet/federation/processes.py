@@ -127,7 +127,7 @@ def serve(config: Any, address: str, tls: Tls, *, authorized_keys: Path | None =
             run_id = _submit(config, home)
             echo(f"lorafleet: run {run_id} started ({config.method}, {config.rounds} rounds, state in "
                  f"{config.state_dir})")
-            _flwr(["log", str(run_id), CONNECTION, "--stream"], home, stdout=None)
+            _stream_log(run_id, home, echo)
             status = _run_status(home, run_id)
     ckpt = Checkpoint(config.state_dir)
     state = ckpt.load()[0] if ckpt.exists() else None
@@ -314,6 +314,23 @@ def _terminating_on_sigterm() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _stream_log(run_id: int, home: Path, echo: Callable[[str], None]) -> None:
+    """The run's log (``flwr log --stream``) line by line to ``echo``, without ANSI colours unless stdout is a
+    terminal (a log file or CI output shows ``INFO : ...``, not escape codes)."""
+    from lorafleet.federation.node_log import ANSI
+
+    color = sys.stdout.isatty()
+    with subprocess.Popen([_bin("flwr"), "log", str(run_id), CONNECTION, "--stream"], env=flower_env(home),
+                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          preexec_fn=_die_with_parent) as proc:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+            echo(line if color else ANSI.sub("", line))
+    if proc.returncode != 0:
+        raise FederationError(f"`flwr log {run_id}` failed with status {proc.returncode}")
 
 
 def _flwr(args: list[str], home: Path, stdout: int | None = subprocess.PIPE) -> str:

@@ -11,14 +11,25 @@ from lorafleet.fleet.server import FleetProgress
 SHOWN = (("heldout/rouge_l", "held-out Rouge-L"), ("seen/rouge_l", "seen Rouge-L"), ("seen/loss", "seen loss"))
 
 
+def progress_for(rounds: int, *, quiet: bool = False) -> Any:
+    """The CLI's progress display for a run of ``rounds`` rounds (a context manager); ``quiet``: none."""
+    import contextlib
+
+    return contextlib.nullcontext(FleetProgress()) if quiet else RichProgress(rounds)
+
+
 class RichProgress(FleetProgress):
     """A live rich display; use as a context manager around :func:`lorafleet.fleet.run_fleet`."""
 
     def __init__(self, rounds: int, console: Any = None):
+        import os
+        import sys
+
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-        self.console = console or Console(soft_wrap=True)
+        self.console = console or Console(soft_wrap=True, width=None if sys.stdout.isatty() or
+                                          os.environ.get("COLUMNS") else 160)
         self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                                  MofNCompleteColumn(), TimeElapsedColumn(), console=self.console, transient=False)
         self.rounds = self.progress.add_task("rounds", total=rounds)

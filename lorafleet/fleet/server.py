@@ -142,7 +142,7 @@ class FleetServer:
         self.report.add_round(record)
         write_report(self.out, self.report)
         self.progress.round_done(record)
-        if rnd < self.config.rounds:
+        if rnd < self.config.rounds and self.strategy.node_of:  # before the first round, identify() says it
             self.progress.stage(f"round {rnd + 1}: training")
         return None
 
