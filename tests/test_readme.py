@@ -1,6 +1,8 @@
-"""The README's commands: every `lorafleet` line of its ```bash blocks parses with that command's own parser,
-and the cheap ones run for real, as written, in an empty directory (SUBSTITUTED marks those that get a small
-stand-in for an input the README assumes). The long ones (export, fleet, serve, demo) are parsed only."""
+"""The README's commands: every `lorafleet` line of its ```bash blocks parses with that command's own parser;
+the cheap ones run for real, as written, in an empty directory (SUBSTITUTED marks those that get a small
+stand-in for an input the README assumes); the first hour's block runs as written (a real TLS federation of
+two devices on `random:tiny`), followed by the offline-aggregation section and the Python of two sections.
+The long ones elsewhere (the real model's export, fleets, the demo) are parsed only."""
 
 from __future__ import annotations
 
@@ -110,6 +112,9 @@ def test_the_first_hour_runs_as_written(tmp_path):
     out = proc.stdout
     assert re.search(r"trained rank 4 on onnxruntime: 20 steps", out), out[-3000:]
     assert "rank" in out and "step" in out  # the dry run's report
+    # lorafleet's own progress on stderr: export stages with their times, train's loss lines
+    assert re.search(r"^\[export\] rank 4: export ONNX Runtime training artifacts .*\(at \d+ s\)$", proc.stderr, re.M)
+    assert re.search(r"^step 20/20: loss \d+\.\d+ \([\d.]+ s\)$", proc.stderr, re.M), proc.stderr[-3000:]
     # both devices: one owner's line per round, no colours or Flower message ids, and both exit when it is over
     assert out.count("lorafleet: training at rank 4") == 2, out[-3000:]
     rounds = re.findall(r"^lorafleet: round (\d)/2: rank 4, \d+ steps on 256 examples, loss [\d.]+ → [\d.]+, [\d.]+ s$",
@@ -133,6 +138,17 @@ def test_the_first_hour_runs_as_written(tmp_path):
     (aggregate_python,) = section_blocks("Aggregate adapters offline", "python")
     export_python = export_python.replace('"pkg"', '"tiny-pkg"').replace("(pkg, 8)", "(pkg, 4)") \
         .replace("initial_adapter(8)", "initial_adapter(4)")
+    # the profile and train sections (SUBSTITUTED: the export section's `pkg` -> `tiny-pkg`, rank 8 -> 4)
+    for heading in ("Profile a device", "Train locally"):
+        (block,) = section_blocks(heading, "bash")
+        block = block.replace(".venv/bin/lorafleet", "lorafleet").replace("--package pkg", "--package tiny-pkg") \
+            .replace("--rank 8", "--rank 4")
+        proc = subprocess.run(["bash", "-c", "set -euo pipefail\n" + block], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=600)
+        assert proc.returncode == 0, (heading, proc.stdout[-3000:], proc.stderr[-3000:])
+        expected = "selected" if heading.startswith("Profile") else "trained rank 4"
+        assert expected in proc.stdout, (heading, proc.stdout[-3000:])
+    assert read_adapter(tmp_path / "adapter-r8").r == 4
     for code in (export_python + "assert adapter.r == 4 and loss > 0\n",
                  aggregate_python + "assert glob.r == 4 and client.r == 2\n"):
         proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,

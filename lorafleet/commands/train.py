@@ -58,11 +58,12 @@ def _train(package: Path, rank: int, backend: BackendName, data: Path, steps: in
     every = max(1, steps // 20)  # at most ~20 progress lines, and always the last step
 
     def progress(step: int, loss: float, seconds: float) -> None:
+        if step == 1:  # after the first step: bad input before it stays a one-line error
+            say(f"training rank {rank} of {package} on {backend.value}: {len(dataset.examples)} examples, "
+                f"{steps} steps", quiet=quiet or as_json)
         if step % every == 0 or step == steps:
             say(f"step {step}/{steps}: loss {loss:.4f} ({seconds:.2f} s)", quiet=quiet or as_json)
 
-    say(f"training rank {rank} of {package} on {backend.value}: {len(dataset.examples)} examples, {steps} steps",
-        quiet=quiet or as_json)
     result = train_local(pkg, rank, backend.value, dataset.examples, initial_adapter=initial, steps=steps,
                          batch_size=batch_size, lr=lr, seed=seed, self_prune=self_prune, on_step=progress)
     write_adapter(for_base_model(result.adapter, pkg.manifest.model.spec), out)
