@@ -3,7 +3,7 @@ README does: the export section (its package `pkg` then serves the profile, trai
 sections), a real TLS federation with SuperNode authentication (the server machine's and the Jetson's
 blocks), the device dry run, the same with Flower's own commands, and Flower's simulation engine from Python.
 
-SUBSTITUTED holds every change the suite makes to a block, each with its reason; the README says so next to
+substitutions() holds every change the suite makes to a block, each with its reason; the README says so next to
 the blocks. A change whose text the README no longer has fails the test. The fleet sections run in
 tests/test_readme.py."""
 
