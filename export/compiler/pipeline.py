@@ -230,6 +230,16 @@ def release_memory() -> None:
 
 # --- the whole pipeline ---------------------------------------------------------------------------------
 
+def rank_progress(r: int, took: list[float], total: int) -> str:
+    """``rank R compiled in S s (k/n ranks)``, with an estimate of what the remaining ranks take: the mean of
+    the ranks done so far (a rank's cost hardly depends on r: the frozen graph dominates)."""
+    done = len(took)
+    text = f"rank {r} compiled in {took[-1]:.0f} s ({done}/{total} ranks"
+    if done == total:
+        return text + ")"
+    return text + f", about {(total - done) * sum(took) / done:.0f} s left for the rest)"
+
+
 def run_export(cfg: ExportConfig, log: Callable[[str], None] = lambda _msg: None) -> ExportResult:
     """Compile, verify and write the package ``cfg.out``. Raises a :class:`LorafleetError` on bad input or
     failed verification, leaving nothing behind."""
@@ -265,10 +275,14 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = lambda _msg: None
             ctx.et_parts = Path(stack.enter_context(tempfile.TemporaryDirectory(
                 prefix=".lorafleet-et-", dir=writer.root.parent)))
         checks: list[Check] = []
+        took: list[float] = []
         for r in cfg.ranks:
+            t0 = time.perf_counter()
             model, rank_checks = compile_rank(cfg, ctx, model, r, init)
             checks += rank_checks
             release_memory()  # between ranks: the peak stays one rank's (docs/BENCHMARKS.md)
+            took.append(time.perf_counter() - t0)
+            log(rank_progress(r, took, len(cfg.ranks)))
         if ctx.et_store is not None:
             model, et_checks = verify_executorch(cfg, ctx, model)
             checks += et_checks

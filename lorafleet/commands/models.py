@@ -22,13 +22,16 @@ def models(as_json: bool = typer.Option(False, "--json", help="Print JSON instea
         typer.echo(json.dumps(rows, indent=2))
         return
     table = Table(title="lorafleet model specs")
-    for col in ("spec", "weights", "source"):
-        table.add_column(col)
+    cols = ("spec", "family", "parameters", "weights", "verified", "source")
+    for col in cols:
+        table.add_column(col, justify="right" if col == "parameters" else "left")
     for row in rows:
-        table.add_row(row["spec"], row["weights"], row["source"])
+        table.add_row(*(row[c] for c in cols))
     console = make_console()
     console.print(table)
-    console.print("Also: a local Hugging Face model directory, or a path to a .gguf file.")
+    console.print("verified: what the test suite exports and verifies for the family (runtime: base precision).")
+    console.print("Also: a local Hugging Face model directory, a Hub id (org/name) in the local Hugging Face "
+                  "cache, or a path to a .gguf file.")
     console.print(f"Model cache: {cache_dir()} (set LORAFLEET_CACHE to move it)")
 
 

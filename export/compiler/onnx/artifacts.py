@@ -47,9 +47,11 @@ def export_onnx_training(loss_module: Any, example: tuple[Any, Any], out_dir: Pa
     from onnxruntime.training import artifacts
 
     from lorafleet.export.compiler.onnx.graph import (
+        cast_like_to_cast,
         fold_weight_transposes,
         gather_from_transposed,
         quantized_storage,
+        sequence_splits_to_split,
         strip_metadata,
     )
 
@@ -60,6 +62,8 @@ def export_onnx_training(loss_module: Any, example: tuple[Any, Any], out_dir: Pa
     if not lora:
         raise ExportError("the exported ONNX graph has no LoRA initializers (were the PEFT names lost?)")
     strip_metadata(model)
+    cast_like_to_cast(model)
+    sequence_splits_to_split(model)
     fold_weight_transposes(model, set(names) - set(lora))
     gather_from_transposed(model)
     storage = quantized_storage(model, skip=set(lora))  # a quantized base: kept from ORT's constant folding

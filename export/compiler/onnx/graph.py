@@ -8,6 +8,10 @@ limit for 1B-class models).
 * :func:`strip_metadata` — drop the exporter's per-node debugging metadata (stack traces, FX names).
 * :func:`fold_weight_transposes` — store frozen linear weights pre-transposed, as ORT would fold them.
 * :func:`gather_from_transposed` — a tied embedding's lookup reads the transposed copy (one copy stored).
+* :func:`sequence_splits_to_split` — ``SplitToSequence`` read by constant ``SequenceAt`` becomes one ``Split``
+  (``Tensor.chunk``: Phi-3's fused ``gate_up_proj``; ORT's gradient builder does not see through sequences).
+* :func:`cast_like_to_cast` — ``CastLike`` with a known target type becomes ``Cast`` (ORT has a gradient for
+  one only).
 * :class:`SharedExternalData` — move large initializers of many models into one external-data file,
   each distinct tensor stored once.
 """
@@ -109,6 +113,111 @@ def gather_from_transposed(model: Any) -> int:
             rewritten += 1
         graph.initializers.pop(name)
     return rewritten
+
+
+def cast_like_to_cast(model: Any) -> int:
+    """Replace ``CastLike(x, like)`` by ``Cast(x, to=like.dtype)`` wherever ``like``'s element type is known.
+
+    torch's ``Tensor.type_as`` exports as ``CastLike`` (Gemma's RMSNorm ends in ``.type_as(x)``), and ONNX
+    Runtime's training graph builder registers a gradient for ``Cast`` but none for ``CastLike``; the two
+    compute the same thing once the target type is fixed, which it always is in a traced graph. Returns the
+    number of nodes rewritten.
+    """
+    import onnx_ir as ir
+
+    graph = model.graph
+    rewritten = 0
+    for node in list(graph.all_nodes()):
+        if node.op_type != "CastLike" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
+            continue
+        src, like = node.inputs[0], node.inputs[1]
+        if src is None or like is None or like.dtype is None or node.outputs[0].is_graph_output():
+            continue
+        cast = ir.node("Cast", [src], {"to": int(like.dtype)}, name=f"{node.name}_cast")
+        cast.outputs[0].dtype = like.dtype
+        cast.outputs[0].shape = node.outputs[0].shape
+        node.graph.insert_before(node, [cast])
+        ir.convenience.replace_all_uses_with(node.outputs[0], cast.outputs[0])
+        node.graph.remove(node, safe=True)
+        rewritten += 1
+    return rewritten
+
+
+def sequence_splits_to_split(model: Any) -> int:
+    """Replace ``SplitToSequence(x, split)`` whose every reader is ``SequenceAt(·, constant index)`` by one
+    ``Split`` node, each ``SequenceAt`` by the matching output.
+
+    Before::   x ──SplitToSequence(split=c, axis)──> seq ──SequenceAt(i)──> x_i
+    After::    x ──Split(sizes, axis)──> x_0, x_1, …
+
+    torch's exporter writes ``Tensor.chunk`` / ``split`` this way (Phi-3's MLP chunks its fused
+    ``gate_up_proj`` output in two). ONNX Runtime's training graph builder has no gradient through
+    sequence values: the LoRA factors before a chunk come out *unreachable* or, worse, with silently
+    wrong gradients (the path through the chunk dropped). ``Split`` has a gradient. Applies when the split
+    axis has a static size and ``split`` is a constant (a chunk size or the sizes); returns the number of
+    ``SplitToSequence`` nodes rewritten.
+    """
+    import numpy as np
+    import onnx_ir as ir
+
+    rewritten = 0
+    for node in list(model.graph.all_nodes()):
+        if node.op_type != "SplitToSequence" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
+            continue
+        x, split = node.inputs[0], _constant(node.inputs[1])
+        axis_attr = node.attributes.get("axis")
+        axis = axis_attr.as_int() if axis_attr is not None else 0
+        if x is None or x.shape is None or split is None or split.ndim > 1:
+            continue
+        axis = axis % len(x.shape)
+        dim = x.shape[axis]
+        if not isinstance(dim, int):
+            continue
+        sizes = _split_sizes(dim, split)
+        readers = [u.node for u in node.outputs[0].uses()]
+        indices = [_constant(r.inputs[1]) if r.op_type == "SequenceAt" and len(r.inputs) == 2 else None
+                   for r in readers]
+        if (not readers or sizes is None or node.outputs[0].is_graph_output()
+                or any(i is None or i.ndim != 0 or not -len(sizes) <= int(i) < len(sizes) for i in indices)):
+            continue
+        const = ir.node("Constant", [], {"value": ir.tensor(np.array(sizes, dtype=np.int64))},
+                        name=f"{node.name}_sizes")
+        parts = ir.node("Split", [x, const.outputs[0]], {"axis": axis}, num_outputs=len(sizes),
+                        name=f"{node.name}_split")
+        node.graph.insert_before(node, [const, parts])
+        for reader, index in zip(readers, indices, strict=True):
+            assert index is not None
+            out = parts.outputs[int(index) % len(sizes)]
+            out.dtype, out.shape = reader.outputs[0].dtype, reader.outputs[0].shape
+            ir.convenience.replace_all_uses_with(reader.outputs[0], out)
+            reader.graph.remove(reader, safe=True)
+        node.graph.remove(node, safe=True)
+        rewritten += 1
+    return rewritten
+
+
+def _constant(value: Any) -> Any:
+    """The numpy value of an initializer or ``Constant`` node output, else ``None``."""
+    if value is None:
+        return None
+    if value.const_value is not None:
+        return value.const_value.numpy()
+    producer = value.producer()
+    if producer is not None and producer.op_type == "Constant" and "value" in producer.attributes:
+        return producer.attributes["value"].value.numpy()
+    return None
+
+
+def _split_sizes(dim: int, split: Any) -> list[int] | None:
+    """``SplitToSequence``'s pieces: a scalar is a chunk size (the last piece may be shorter), a 1-D tensor
+    the sizes themselves (they must add up to ``dim``)."""
+    if split.ndim == 0:
+        chunk = int(split)
+        if chunk <= 0:
+            return None
+        return [chunk] * (dim // chunk) + ([dim % chunk] if dim % chunk else [])
+    sizes = [int(v) for v in split.tolist()]
+    return sizes if sizes and sum(sizes) == dim and min(sizes) >= 0 else None
 
 
 def _plain_gather(node: Any, src: Any) -> bool:
