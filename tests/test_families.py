@@ -93,3 +93,17 @@ def test_every_family_exports_and_verifies(tmp_path, model_type, quantize):
     assert grads == {f"{rt}_training" for rt in rts}, m.verification["checks"]
     modules = set(open_package(out).initial_adapter(4).modules)
     assert {name.rsplit(".", 1)[-1] for name in modules} == set(targets) and len(modules) == 2 * len(targets)
+
+
+def test_a_fleet_adapts_the_family_s_own_projections_by_default(tmp_path):
+    from lorafleet.fleet.config import FleetConfig
+
+    src, _ = family_dir(tmp_path, "phi3")
+
+    def targets(model: str, **kw):
+        return FleetConfig(devices=2, rounds=1, model=model, method="hetlora", seed=0, out=tmp_path / "o",
+                           **kw).target_modules
+
+    assert targets(str(src)) == ("qkv_proj",)
+    assert targets("random:tiny") == ("q_proj", "v_proj") == targets("random:gemma-3-1b")
+    assert targets(str(src), target_modules=("o_proj",)) == ("o_proj",)

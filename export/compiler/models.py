@@ -17,6 +17,7 @@ A spec is one of:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -183,6 +184,25 @@ def describe(model: Any, spec: str) -> ModelSection:
         num_parameters=sum(p.numel() for p in model.parameters()),
         module_shapes=layer_shapes(model),
     )
+
+
+def default_targets(text: str) -> tuple[str, ...]:
+    """The LoRA target modules a fleet adapts when none are given: the family's attention projections
+    (``q_proj, v_proj``; Phi-3's fused ``qkv_proj``), read from the spec without loading weights. A spec
+    that does not resolve gets Llama's names (its own error comes when it is loaded)."""
+    import json
+
+    try:
+        ms = parse_spec(text)
+    except ModelSpecError:
+        return FAMILIES["llama"].default_targets
+    model_type = "llama"
+    if ms.kind == "random":
+        model_type = ARCHITECTURES[ms.arch or ""].model_type
+    elif ms.kind == "hf_dir" and ms.path is not None:
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            model_type = str(json.loads((ms.path / "config.json").read_text()).get("model_type", "llama"))
+    return FAMILIES.get(model_type, FAMILIES["llama"]).default_targets
 
 
 def hub_snapshot(repo_id: str) -> Path:

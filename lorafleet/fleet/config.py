@@ -68,7 +68,7 @@ class FleetConfig:
     emulation: str = "flops"
     resume: bool = False  # continue the run in ``out`` from its last completed round (DIR/state/)
     # --- library-only settings ---
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    target_modules: tuple[str, ...] = ()  # (): the model family's (q_proj, v_proj; Phi-3: qkv_proj)
     lora_alpha: float = 16.0
     seq_len: int = 0  # 0: the smallest multiple of 32 that holds the longest training example (≤ 512)
     lr: float = 1e-3
@@ -89,6 +89,11 @@ class FleetConfig:
         object.__setattr__(self, "out", Path(self.out))
         object.__setattr__(self, "profiles_dir", Path(self.profiles_dir))
         object.__setattr__(self, "ranks", tuple(sorted(self.ranks)))
+        if not self.target_modules:
+            from lorafleet.export.compiler.models import default_targets
+
+            object.__setattr__(self, "target_modules", default_targets(self.model))
+        object.__setattr__(self, "target_modules", tuple(self.target_modules))
         for name in ("devices", "rounds", "local_steps", "examples_per_device", "eval_per_family",
                      "eval_max_new_tokens"):
             _positive_int(name, getattr(self, name))
