@@ -83,6 +83,23 @@ def test_an_fp32_model_larger_than_free_memory_is_refused_in_one_line(monkeypatc
     models.load_model("random:tiny")  # 0.3 MB fits
 
 
+def test_a_directory_too_large_for_memory_is_refused_before_loading(tmp_path, monkeypatch):
+    import psutil
+
+    from lorafleet.export.compiler import models
+
+    src = load_model("random:tiny")
+    src.model.save_pretrained(tmp_path / "m", max_shard_size="100KB")
+    assert models.checkpoint_parameters(tmp_path / "m") == src.info.num_parameters  # tied head stored once
+
+    class Small:
+        available = 100_000
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: Small())
+    with pytest.raises(ModelSpecError, match=r"has 0.09M parameters: 0.0 GiB in fp32, more than 85% of"):
+        load_model(str(tmp_path / "m"))
+
+
 def test_a_hub_id_resolves_from_the_local_hugging_face_cache(tmp_path, monkeypatch):
     from huggingface_hub import constants
 

@@ -254,8 +254,33 @@ def check_fits(spec: str, parameters: int) -> None:
 
 # --- local directories and GGUF files -------------------------------------------------------------------
 
+def checkpoint_parameters(path: Path) -> int:
+    """Parameters stored in a Hugging Face directory's safetensors files, from their headers alone (0 if it
+    has none, e.g. a PyTorch-format checkpoint)."""
+    import json
+    import struct as _struct
+
+    total = 0
+    for f in sorted(path.glob("*.safetensors")):
+        try:
+            with open(f, "rb") as fh:
+                (size,) = _struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(size))
+        except (OSError, ValueError, _struct.error):
+            raise ModelSpecError(f"corrupt safetensors file {f}: unreadable header") from None
+        for name, entry in header.items():
+            if name != "__metadata__":
+                n = 1
+                for d in entry.get("shape", []):
+                    n *= int(d)
+                total += n
+    return total
+
+
 def _load_hf_dir(path: Path, kwargs: dict[str, Any], with_tokenizer: bool) -> tuple[Any, Any | None]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    check_fits(str(path), checkpoint_parameters(path))
 
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
