@@ -107,3 +107,28 @@ def test_a_fleet_adapts_the_family_s_own_projections_by_default(tmp_path):
     assert targets(str(src)) == ("qkv_proj",)
     assert targets("random:tiny") == ("q_proj", "v_proj") == targets("random:gemma-3-1b")
     assert targets(str(src), target_modules=("o_proj",)) == ("o_proj",)
+
+
+def test_an_image_text_gemma3_checkpoint_loads_its_language_model(tmp_path):
+    """Gemma 3 4B and up are published as image-text checkpoints: the text model is loaded from their
+    language-model tensors (vision tower left out) and computes what the full model does on text."""
+    import torch
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    from lorafleet.export.compiler.models import load_model
+
+    cfg = Gemma3Config(text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=272,
+                                        sliding_window=WINDOW, max_position_embeddings=256),
+                       vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                          num_attention_heads=2, image_size=28, patch_size=14),
+                       mm_tokens_per_image=4, image_token_index=271, boi_token_index=269, eoi_token_index=270)
+    torch.manual_seed(0)
+    full = Gemma3ForConditionalGeneration(cfg).eval()
+    full.save_pretrained(tmp_path / "g3", max_shard_size="100KB")
+    lm = load_model(str(tmp_path / "g3"), with_tokenizer=False)
+    assert lm.info.model_type == "gemma3_text" and lm.info.architecture == "Gemma3ForCausalLM"
+    assert lm.info.num_parameters < sum(p.numel() for p in full.parameters())  # no vision tower
+    ids = torch.randint(3, 260, (1, SEQ_LEN))
+    with torch.no_grad():
+        torch.testing.assert_close(lm.model(ids).logits, full(input_ids=ids).logits)

@@ -281,9 +281,8 @@ def _load_hf_dir(path: Path, kwargs: dict[str, Any], with_tokenizer: bool) -> tu
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     check_fits(str(path), checkpoint_parameters(path))
-
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+        model = _language_model(path, kwargs) or AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelSpecError(f"cannot load model from {path}: {_first_line(exc)}") from exc
     tokenizer = None
@@ -293,6 +292,44 @@ def _load_hf_dir(path: Path, kwargs: dict[str, Any], with_tokenizer: bool) -> tu
         except (OSError, ValueError, TypeError):
             tokenizer = None  # a weights-only directory: fine for export and profiling
     return model, tokenizer
+
+
+# where an image-text checkpoint (Gemma 3 4B and up: Gemma3ForConditionalGeneration) keeps its language model
+_LANGUAGE_PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."),
+                      ("language_model.lm_head.", "lm_head."), ("lm_head.", "lm_head."))
+
+
+def _language_model(path: Path, kwargs: dict[str, Any]) -> Any | None:
+    """The text-only causal LM of an image-text checkpoint (a config with ``text_config`` and
+    ``vision_config``), its weights read from the checkpoint's language-model tensors; ``None`` for any
+    other directory. The vision tower and projector are not loaded: lorafleet trains text LoRA."""
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(str(path))
+    text_cfg = getattr(cfg, "text_config", None)
+    if text_cfg is None or getattr(cfg, "vision_config", None) is None:
+        return None
+    if kwargs.get("attn_implementation"):
+        text_cfg._attn_implementation = kwargs["attn_implementation"]
+    model = AutoModelForCausalLM.from_config(text_cfg, dtype=torch.float32)
+    state: dict[str, Any] = {}
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as shard:
+            for key in shard.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                for old, new in _LANGUAGE_PREFIXES:
+                    if key.startswith(old):
+                        state[new + key[len(old):]] = shard.get_tensor(key).to(torch.float32)
+                        break
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not (k == "lm_head.weight" and text_cfg.tie_word_embeddings)]
+    if missing or result.unexpected_keys:
+        raise ModelSpecError(f"{path}: the image-text checkpoint's language model does not match its text_config "
+                             f"({len(missing)} tensors missing, e.g. {missing[:1]}; "
+                             f"{len(result.unexpected_keys)} unexpected)")
+    model.tie_weights()
+    return model
 
 
 def _load_gguf(path: Path, kwargs: dict[str, Any], with_tokenizer: bool) -> tuple[Any, Any | None]:
