@@ -202,3 +202,13 @@ def test_truncated_gguf_is_detected(tmp_path):
     cut.write_bytes(good.read_bytes()[:-100])
     with pytest.raises(ModelSpecError, match="truncated"):
         parse_spec(str(cut))
+
+
+def test_a_model_of_no_decoder_family_is_refused_in_one_line(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=32)).save_pretrained(
+        tmp_path / "gpt2")
+    with pytest.raises(ModelSpecError, match=r"GPT2LMHeadModel is not a decoder lorafleet exports") as exc:
+        load_model(str(tmp_path / "gpt2"), with_tokenizer=False)
+    assert "\n" not in str(exc.value)

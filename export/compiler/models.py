@@ -171,6 +171,11 @@ def load_model(spec: str | ModelSpec, *, seed: int = 0, attn_implementation: str
 
 def describe(model: Any, spec: str) -> ModelSection:
     cfg = model.config
+    missing = [a for a in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+                           "vocab_size") if not isinstance(getattr(cfg, a, None), int)]
+    if missing:
+        raise ModelSpecError(f"{spec}: {type(model).__name__} is not a decoder lorafleet exports (its config has no "
+                             f"{', '.join(missing)}; families: {', '.join(FAMILIES)})")
     return ModelSection(
         spec=spec,
         architecture=type(model).__name__,
@@ -314,20 +319,31 @@ def _language_model(path: Path, kwargs: dict[str, Any]) -> Any | None:
     if kwargs.get("attn_implementation"):
         text_cfg._attn_implementation = kwargs["attn_implementation"]
     model = AutoModelForCausalLM.from_config(text_cfg, dtype=torch.float32)
-    state: dict[str, Any] = {}
-    for f in sorted(path.glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as shard:
-            for key in shard.keys():  # noqa: SIM118 (safe_open has no __iter__)
-                for old, new in _LANGUAGE_PREFIXES:
-                    if key.startswith(old):
-                        state[new + key[len(old):]] = shard.get_tensor(key).to(torch.float32)
-                        break
-    result = model.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if not (k == "lm_head.weight" and text_cfg.tie_word_embeddings)]
-    if missing or result.unexpected_keys:
+    params = dict(model.named_parameters(remove_duplicate=False))  # a tied head: both names, one tensor
+    loaded: set[int] = set()
+    unexpected: list[str] = []
+    with torch.no_grad():  # one checkpoint tensor in memory at a time, copied into place
+        for f in sorted(path.glob("*.safetensors")):
+            with safe_open(str(f), framework="pt") as shard:
+                for key in shard.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                    name = next((new + key[len(old):] for old, new in _LANGUAGE_PREFIXES if key.startswith(old)),
+                                None)
+                    if name is None:
+                        continue  # the vision tower and projector
+                    if name not in params:
+                        unexpected.append(key)
+                        continue
+                    tensor = shard.get_tensor(key)
+                    if tuple(tensor.shape) != tuple(params[name].shape):
+                        raise ModelSpecError(f"{path}: {key} is {list(tensor.shape)}, its text_config makes it "
+                                             f"{list(params[name].shape)}")
+                    params[name].copy_(tensor.to(torch.float32))
+                    loaded.add(params[name].data_ptr())
+    missing = [n for n, p in params.items() if p.data_ptr() not in loaded]
+    if missing or unexpected:
         raise ModelSpecError(f"{path}: the image-text checkpoint's language model does not match its text_config "
-                             f"({len(missing)} tensors missing, e.g. {missing[:1]}; "
-                             f"{len(result.unexpected_keys)} unexpected)")
+                             f"({len(missing)} tensors missing, e.g. {missing[:1]}; {len(unexpected)} unexpected, "
+                             f"e.g. {unexpected[:1]})")
     model.tie_weights()
     return model
 

@@ -178,6 +178,7 @@ def sequence_splits_to_split(model: Any) -> int:
         indices = [_constant(r.inputs[1]) if r.op_type == "SequenceAt" and len(r.inputs) == 2 else None
                    for r in readers]
         if (not readers or sizes is None or node.outputs[0].is_graph_output()
+                or any(r.outputs[0].is_graph_output() for r in readers)
                 or any(i is None or i.ndim != 0 or not -len(sizes) <= int(i) < len(sizes) for i in indices)):
             continue
         const = ir.node("Constant", [], {"value": ir.tensor(np.array(sizes, dtype=np.int64))},
