@@ -235,31 +235,86 @@ def run_server(grid: Grid, config: ServerConfig) -> ServerState:
 class PromptGrid:
     """A Grid that looks for replies every ``interval`` seconds (Flower's deployment grid waits 3 s), so a
     round ends as soon as its last reply is in (the SuperLink answers each pull from memory; pulls are cheap),
-    and tells ``on_replies(received, sent)`` as they arrive (the emulated fleet's progress display)."""
+    and tells ``on_replies(received, sent)`` as they arrive (the emulated fleet's progress display).
 
-    def __init__(self, grid: Grid, interval: float = 0.5, on_replies: Callable[[int, int], None] | None = None):
-        self._grid, self.interval, self.on_replies = grid, interval, on_replies
+    A device whose heartbeat lapsed is sent its message again once it is connected again, within the same
+    timeout: the SuperLink answers a message itself ("Node Unavailable") when its node missed heartbeats for
+    2 × 30 s — a phone that lost its network for a minute, or every device of a server restarted with
+    ``--resume`` whose heartbeats failed while it was down — and without a second send that device would sit
+    out the round although it is back. A copy goes out at most ``resends`` times per message; when the device
+    still gives no reply of its own, the SuperLink's first answer is what the caller gets (it refers to the
+    message the caller sent).
+    """
+
+    def __init__(self, grid: Grid, interval: float = 0.5, on_replies: Callable[[int, int], None] | None = None,
+                 resends: int = 3):
+        self._grid, self.interval, self.on_replies, self.resends = grid, interval, on_replies, resends
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
         """As ``Grid.send_and_receive``: push, then pull until every reply is in or ``timeout`` passes."""
-        pending = set(self._grid.push_messages(messages))
+        from flwr.supercore import log
+
+        messages = list(messages)
+        ids = self._grid.push_messages(messages)  # [] when the SuperLink refused the payload as too large
+        pending = {i: m for i, m in zip(ids, messages, strict=False) if i}
         total, replies = len(pending), []
+        lapsed: dict[int, Message] = {}  # node -> the SuperLink's first answer for it, while it has no reply
+        waiting: dict[int, Message] = {}  # node -> the message to send again once the node is connected
+        sent_again: dict[int, int] = {}
         deadline = time.monotonic() + (timeout or 0.0)
         if self.on_replies:
             self.on_replies(0, total)
-        while pending:
-            got = list(self._grid.pull_messages(pending))
-            replies.extend(got)
-            pending -= {m.metadata.reply_to_message_id for m in got}
+        while pending or waiting:
+            got = list(self._grid.pull_messages(set(pending))) if pending else []
+            for reply in got:
+                message = pending.pop(reply.metadata.reply_to_message_id, None)
+                if message is None:
+                    replies.append(reply)
+                    continue
+                node = message.metadata.dst_node_id
+                if _heartbeat_lapsed(reply):
+                    lapsed.setdefault(node, reply)
+                    if sent_again.get(node, 0) < self.resends:
+                        waiting[node] = message
+                    continue
+                lapsed.pop(node, None)
+                replies.append(reply)
+            if waiting:
+                connected = set(self._grid.get_node_ids())
+                for node in [n for n in waiting if n in connected]:
+                    copy = _copy(waiting.pop(node))
+                    (new_id,) = self._grid.push_messages([copy])
+                    sent_again[node] = sent_again.get(node, 0) + 1
+                    log(INFO, "node %d missed its heartbeats and is connected again: its message is sent again",
+                        node)
+                    if new_id:
+                        pending[new_id] = copy
             if got and self.on_replies:
                 self.on_replies(len(replies), total)
-            if not pending or (timeout is not None and time.monotonic() >= deadline):
+            if not (pending or waiting) or (timeout is not None and time.monotonic() >= deadline):
                 break
             time.sleep(self.interval)
-        return replies
+        return replies + list(lapsed.values())
+
+
+def _heartbeat_lapsed(reply: Message) -> bool:
+    """Whether ``reply`` is the SuperLink's own answer for a node that missed its heartbeats."""
+    from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
+
+    return (reply.metadata.src_node_id == SUPERLINK_NODE_ID and reply.has_error()
+            and reply.error.code == ErrorCode.NODE_UNAVAILABLE)
+
+
+def _copy(message: Message) -> Message:
+    """A new message (a new id) with ``message``'s content, addressee, type and group."""
+    from flwr.app import Message
+
+    m = message.metadata
+    return Message(message.content, dst_node_id=m.dst_node_id, message_type=m.message_type,
+                   group_id=m.group_id or None)
 
 
 def _prompt(grid: Grid) -> Grid:

@@ -85,6 +85,45 @@ class LoopbackGrid:
         return replies
 
 
+class PushPullGrid(LoopbackGrid):
+    """:class:`LoopbackGrid` with the calls a deployment grid makes: ``push_messages`` (the device answers at
+    once; its reply waits for ``pull_messages``) and ``get_node_ids``. A device answering :data:`LAPSED` is
+    answered for by the SuperLink ("Node Unavailable") and is not connected for the next ``offline_polls``
+    calls of ``get_node_ids``, as a node whose heartbeats failed until it reached the SuperLink again."""
+
+    def __init__(self, devices: dict[int, Device], offline_polls: int = 2):
+        super().__init__(devices)
+        self.offline_polls = offline_polls
+        self.offline: dict[int, int] = {}  # node -> polls of get_node_ids it stays away
+        self.pushed: list[tuple[int, str]] = []  # (node, message id) per push, in order
+        self.pushed_while_offline: list[int] = []
+        self._replies: dict[str, Any] = {}
+
+    def get_node_ids(self) -> Iterable[int]:
+        connected = [n for n in self.devices if self.offline.get(n, 0) <= 0]
+        self.offline = {n: k - 1 for n, k in self.offline.items() if k > 1}
+        return connected
+
+    def push_messages(self, messages: Iterable[Any]) -> list[str]:
+        from flwr.common.constant import SUPERLINK_NODE_ID
+
+        ids = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            if self.offline.get(node, 0) > 0:
+                self.pushed_while_offline.append(node)
+            out = list(self.send_and_receive([msg]))  # gives msg its id
+            if any(r.metadata.src_node_id == SUPERLINK_NODE_ID for r in out):
+                self.offline[node] = self.offline_polls
+            self.pushed.append((node, msg.metadata.message_id))
+            self._replies[msg.metadata.message_id] = out
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Any]:
+        return [r for i in list(message_ids) for r in self._replies.pop(i, [])]
+
+
 def wire(content: Any) -> tuple[Any, int]:
     """``content`` after a trip through Flower's object encoding, and the number of bytes that travelled."""
     root, objects = encode(content)

@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 import torch
 from export_helpers import fake_package
-from fed_helpers import LAPSED, LoopbackGrid, received_arrays, reply
+from fed_helpers import LAPSED, LoopbackGrid, PushPullGrid, received_arrays, reply
 from flwr.app import Error, Message
 
 from lorafleet.export.formats import protocol as P
 from lorafleet.export.formats.adapter import read_adapter, rescale, truncate
 from lorafleet.server.aggregation import aggregate
 from lorafleet.server.checkpoint import Checkpoint
-from lorafleet.server.server_app import ServerConfig, build_strategy, run_server
+from lorafleet.server.server_app import PromptGrid, ServerConfig, build_strategy, run_server
 
 RANKS = (2, 4, 8)
 
@@ -171,6 +171,36 @@ def test_a_reply_the_superlink_made_for_a_device_counts_only_when_the_device_sen
     (entry,) = state.history
     assert sorted(entry["valid"]) == ["1", "2", "3"]
     assert list(entry["dropped"]) == ["4"] and entry["dropped"]["4"].startswith(BAD["lapsed"])
+
+
+def test_a_device_whose_heartbeat_lapsed_is_sent_its_message_again_once_connected(package, tmp_path):
+    """A node that missed its heartbeats (a server restarted with --resume, a phone off its network) is
+    answered for by the SuperLink; the deployment grid sends it the message again once it is connected, and
+    its own reply counts. A node that never comes back is sent a copy ``resends`` times, then dropped with
+    the SuperLink's answer to the message the strategy sent."""
+    class LapsesOnce(Device):
+        def __call__(self, msg):
+            if msg.metadata.message_type == "train" and not self.lapsed:
+                self.lapsed = True
+                return LAPSED
+            return super().__call__(msg)
+
+    once = LapsesOnce(8, 2, n=4)
+    once.lapsed = False
+    devices = {31: Device(2, 1, n=3), 32: once, 33: misbehaving("lapsed")}  # not 1: the SuperLink's id
+    grid = PushPullGrid(devices, offline_polls=3)
+    state = run_server(PromptGrid(grid, interval=0.001, resends=2), config(package, tmp_path, rounds=1))
+    (entry,) = state.history
+    assert sorted(entry["valid"]) == ["31", "32"] and len(once.received) == 1
+    assert list(entry["dropped"]) == ["33"] and entry["dropped"]["33"].startswith(BAD["lapsed"])
+    pushes = [n for n, _ in grid.pushed]
+    assert pushes.count(31) == 2 and pushes.count(32) == 3 and pushes.count(33) == 4  # query + train (+ copies)
+    assert grid.pushed_while_offline == []  # a copy waits until its node is connected again
+    final = read_adapter(tmp_path / "state" / "global")
+    adapters = [as_adapter(d.replied[-1], int(d.received[-1][0]), 16.0) for d in (devices[31], once)]
+    expected = aggregate("flexlora", adapters, [3, 4], rank=8)
+    for key, t in expected.state_dict().items():
+        torch.testing.assert_close(final.state_dict()[key], t.float(), rtol=1e-5, atol=1e-6)
 
 
 def test_too_few_valid_replies_keep_the_global_adapter(package, tmp_path):
