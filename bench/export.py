@@ -45,7 +45,8 @@ def bench_export(args: argparse.Namespace) -> dict[str, Any]:
 
     cmd = [sys.executable, "-m", "lorafleet", "export", args.model, "--ranks", args.ranks,
            "--target-modules", args.target_modules, "--seq-len", str(args.seq_len), "--batch-size",
-           str(args.batch_size), "--runtimes", args.runtimes, "--out", args.out, "--force"]
+           str(args.batch_size), "--runtimes", args.runtimes, "--quantize", args.quantize, "--out", args.out,
+           "--force"]
     log_path = Path(args.out).with_suffix(".log")
     t0 = time.perf_counter()
     with open(log_path, "w") as log:
@@ -65,7 +66,7 @@ def bench_export(args: argparse.Namespace) -> dict[str, Any]:
     stages = [ln for ln in lines if ln.startswith("[export]")]
     result: dict[str, Any] = {
         "kind": "export", "model": args.model, "ranks": args.ranks, "runtimes": args.runtimes,
-        "seq_len": args.seq_len, "batch_size": args.batch_size, "wall_s": round(wall, 1),
+        "quantize": args.quantize, "seq_len": args.seq_len, "batch_size": args.batch_size, "wall_s": round(wall, 1),
         "peak_pss_gb": round(peak / 2**30, 2), "peak_tree_rss_gb": round(peak_rss / 2**30, 2),
         "returncode": child.returncode, "killed_over_limit_gb": killed,
         "last_stage": stages[-1] if stages else None,
@@ -74,7 +75,23 @@ def bench_export(args: argparse.Namespace) -> dict[str, Any]:
     }
     if child.returncode == 0:
         result.update(_sizes(args.out))
+    result["predicted"] = _plan(args)
     return result
+
+
+def _plan(args: argparse.Namespace) -> dict[str, Any]:
+    """What ``lorafleet export --dry-run`` predicted for the same command (to compare with what it took)."""
+    from lorafleet.export.compiler.pipeline import ExportConfig
+    from lorafleet.export.compiler.plan import plan_export
+
+    cfg = ExportConfig(model=args.model, ranks=tuple(int(r) for r in args.ranks.split(",")),
+                       target_modules=tuple(args.target_modules.split(",")), out=Path(args.out), seq_len=args.seq_len,
+                       batch_size=args.batch_size, runtimes=tuple(args.runtimes.split(",")), quantize=args.quantize,
+                       force=True)
+    plan = plan_export(cfg)
+    return {"wall_s": round(plan.total_seconds, 1), "peak_gb": round(plan.peak_memory_bytes / 2**30, 2),
+            "package_mb": round(plan.package_bytes / 1e6, 1),
+            "foundation_mb": {k: round(v / 1e6, 1) for k, v in plan.foundation_bytes.items()}}
 
 
 def _sizes(path: str) -> dict[str, Any]:
@@ -83,6 +100,8 @@ def _sizes(path: str) -> dict[str, Any]:
     m = open_package(path, verify=False).manifest
     return {
         "foundation_mb": {k: round(v.size / 1e6, 1) for k, v in m.shared_files.items()},
+        "package_mb": round((sum(v.size for v in m.shared_files.values())
+                             + sum(m.rank(r).size_bytes for r in m.ranks)) / 1e6, 1),
         "per_rank_mb": {r: round(m.rank(r).size_bytes / 1e6, 2) for r in m.ranks},
         "per_rank_runtime_mb": {r: {rt: round(sum(e.size for f, e in m.rank(r).files.items()
                                                   if f.startswith(rt + "/")) / 1e6, 2)
@@ -188,6 +207,7 @@ def main() -> None:
     e.add_argument("--seq-len", type=int, default=32)
     e.add_argument("--batch-size", type=int, default=1)
     e.add_argument("--runtimes", default="executorch,onnx")
+    e.add_argument("--quantize", default="none", help="none | int8 | int4[:G], as lorafleet export takes it")
     e.add_argument("--out", required=True)
     e.add_argument("--limit-gb", type=float, default=16.0)
     s = sub.add_parser("steps")

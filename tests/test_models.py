@@ -98,6 +98,10 @@ def test_a_directory_too_large_for_memory_is_refused_before_loading(tmp_path, mo
     monkeypatch.setattr(psutil, "virtual_memory", lambda: Small())
     with pytest.raises(ModelSpecError, match=r"has 0.09M parameters: 0.0 GiB in fp32, more than 85% of"):
         load_model(str(tmp_path / "m"))
+    shard = sorted((tmp_path / "m").glob("*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:5])  # truncated: no header
+    with pytest.raises(ModelSpecError, match=rf"^corrupt safetensors file {shard}: [^\n]*$"):
+        models.checkpoint_parameters(tmp_path / "m")
 
 
 def test_a_hub_id_resolves_from_the_local_hugging_face_cache(tmp_path, monkeypatch):

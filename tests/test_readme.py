@@ -29,7 +29,9 @@ LORAFLEET = re.compile(r"^(?:\.venv/bin/)?lorafleet(?=\s|$)")
 # `export`, minutes): a placeholder-programs package stands in, enough for inspect and verify.
 RUN = ["--version", "models", "data --out heldout.jsonl --split heldout",
        "certs --out tls --name server.example.org --name 127.0.0.1",
-       "node-key --out keys/jetson-1", "cache list"]
+       "node-key --out keys/jetson-1", "cache list",
+       "export random:llama-3.2-3b --ranks 8 --target-modules q_proj,v_proj --quantize int4 --seq-len 128 "
+       "--runtimes onnx --out pkg-3b/ --dry-run"]
 SUBSTITUTED = {"package inspect pkg": "pkg", "package verify pkg": "pkg"}
 
 
@@ -82,7 +84,7 @@ def test_the_cheap_readme_commands_run_as_written(tmp_path):
                               capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300)
         assert proc.returncode == 0, (line, proc.stdout[-500:], proc.stderr[-500:])
     assert (tmp_path / "heldout.jsonl").is_file() and (tmp_path / "tls" / "ca.pem").is_file()
-    assert (tmp_path / "keys" / "jetson-1.pub").is_file()
+    assert (tmp_path / "keys" / "jetson-1.pub").is_file() and not (tmp_path / "pkg-3b").exists()  # a dry run
 
 
 def first_hour_script(port: int) -> str:

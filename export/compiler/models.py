@@ -83,13 +83,10 @@ def _billions(n: int) -> str:
 
 
 def _verified(model_type: str) -> str:
-    from lorafleet.export.formats.quantization import Quantization
-
     family = FAMILIES[model_type]
     label = {"none": "fp32"}
     by_runtime = {rt: [label.get(q, q) for r, q in family.verified if r == rt]
                   for rt in dict.fromkeys(rt for rt, _ in family.verified)}
-    assert all(Quantization.parse(q) for _, q in family.verified)
     return "; ".join(f"{rt}: {', '.join(qs)}" for rt, qs in by_runtime.items())
 
 
@@ -167,6 +164,32 @@ def load_model(spec: str | ModelSpec, *, seed: int = 0, attn_implementation: str
         model, tokenizer = _load_hf_dir(ms.path, kwargs, with_tokenizer)
     model.eval()
     return LoadedModel(model, tokenizer, describe(model, ms.text))
+
+
+def meta_model(spec: str | ModelSpec) -> LoadedModel:
+    """The model ``spec`` names with every shape and no weights (built on the meta device from its config):
+    nothing is read but the config, nothing allocated. What ``lorafleet export --dry-run`` plans with."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    ms = spec if isinstance(spec, ModelSpec) else parse_spec(spec)
+    try:
+        if ms.kind == "random":
+            arch = ARCHITECTURES[ms.arch or ""]
+            config = AutoConfig.for_model(arch.model_type, **arch.hf_config_dict())
+        elif ms.kind == "gguf":
+            assert ms.path is not None
+            config = AutoConfig.from_pretrained(str(ms.path.parent), gguf_file=ms.path.name)
+        else:
+            path = embedded_hf_dir() if ms.kind == "embedded" else ms.path
+            config = AutoConfig.from_pretrained(str(path))
+            if getattr(config, "text_config", None) is not None and getattr(config, "vision_config", None):
+                config = config.text_config  # an image-text checkpoint: its language model is what is exported
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelSpecError(f"cannot read the config of {ms.text}: {_first_line(exc)}") from exc
+    return LoadedModel(model.eval(), None, describe(model, ms.text))
 
 
 def describe(model: Any, spec: str) -> ModelSection:
@@ -262,23 +285,19 @@ def check_fits(spec: str, parameters: int) -> None:
 def checkpoint_parameters(path: Path) -> int:
     """Parameters stored in a Hugging Face directory's safetensors files, from their headers alone (0 if it
     has none, e.g. a PyTorch-format checkpoint)."""
-    import json
-    import struct as _struct
+    from safetensors import SafetensorError, safe_open
 
     total = 0
     for f in sorted(path.glob("*.safetensors")):
         try:
-            with open(f, "rb") as fh:
-                (size,) = _struct.unpack("<Q", fh.read(8))
-                header = json.loads(fh.read(size))
-        except (OSError, ValueError, _struct.error):
-            raise ModelSpecError(f"corrupt safetensors file {f}: unreadable header") from None
-        for name, entry in header.items():
-            if name != "__metadata__":
-                n = 1
-                for d in entry.get("shape", []):
-                    n *= int(d)
-                total += n
+            with safe_open(str(f), framework="pt") as st:
+                for name in st.keys():  # noqa: SIM118 - a safe_open handle is not iterable
+                    n = 1
+                    for d in st.get_slice(name).get_shape():
+                        n *= int(d)
+                    total += n
+        except (OSError, SafetensorError) as exc:
+            raise ModelSpecError(f"corrupt safetensors file {f}: {_first_line(exc)}") from None
     return total
 
 

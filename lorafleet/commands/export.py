@@ -2,7 +2,7 @@
 
     lorafleet export MODEL --ranks 4,8,16,32 --target-modules q_proj,v_proj [--lora-alpha A] [--seq-len T]
         [--batch-size B] [--adapter DIR] [--runtimes executorch,onnx] [--quantize none|int8|int4|int4:G]
-        [--force] --out PKG
+        [--force] [--dry-run] --out PKG
 """
 
 from __future__ import annotations
@@ -34,6 +34,9 @@ def export(
         "--quantize", help="Frozen-base storage: none (fp32), int8 (per output channel) or int4[:G] (groups of G "
                            "inputs, default 32); every linear, the embedding and the LM head.")] = "none",
     force: Annotated[bool, typer.Option("--force", help="Replace an existing package at --out.")] = False,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Check the inputs and print the predicted time, peak memory and package size; "
+                          "load nothing, write nothing.")] = False,
     quiet: Quiet = False,
     verbose: Verbose = False,
 ) -> None:
@@ -43,6 +46,13 @@ def export(
     cfg = ExportConfig(model=model, ranks=ranks, target_modules=target_modules, out=out,
                        lora_alpha=lora_alpha, seq_len=seq_len, batch_size=batch_size, adapter=adapter,
                        runtimes=runtimes, quantize=quantize, force=force)
+    if dry_run:
+        from lorafleet.export.compiler.plan import plan_export
+
+        with third_party_log("export", verbose=verbose):
+            plan = plan_export(cfg)
+        _plan_summary(plan)
+        return
     with third_party_log("export", verbose=verbose):
         started = time.perf_counter()
         result = run_export(cfg, log=lambda msg: say(f"[export] {msg} (at {time.perf_counter() - started:.0f} s)",
@@ -81,6 +91,34 @@ def _summary(result: object) -> None:
         worst[c["metric"]] = max(worst.get(c["metric"], 0.0), c["value"])
     out.print("verified against eager PEFT: " + ", ".join(f"{k} ≤ {v:.2g}" for k, v in worst.items()))
     out.print("stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in result.seconds.items()))
+
+
+def _plan_summary(plan: object) -> None:
+    from rich.table import Table
+
+    from lorafleet.export.compiler.plan import ExportPlan
+
+    assert isinstance(plan, ExportPlan)
+    out = console()
+    out.print(f"dry run: {plan.spec} ({plan.model_type}, {plan.parameters / 1e9:.2f} B parameters, "
+              f"{plan.num_layers} layers), base {plan.quantize}, runtimes {', '.join(plan.runtimes)}: inputs checked, "
+              f"nothing loaded or written")
+    table = Table(title="predicted package")
+    for col in ("rank", "adapter", *plan.runtimes, "est. train peak"):
+        table.add_column(col, justify="right")
+    for r in plan.ranks:
+        files = plan.rank_bytes[r]
+        table.add_row(str(r), _mb(files["adapter"]), *(_mb(files[rt]) for rt in plan.runtimes),
+                      _mb(plan.step_memory_bytes[r]))
+    out.print(table)
+    for rt, n in plan.foundation_bytes.items():
+        out.print(f"shared: {rt} foundation {_mb(n)}")
+    out.print(f"package: about {_mb(plan.package_bytes)}")
+    parts = ", ".join(f"{k} {v:.0f} s" for k, v in plan.seconds.items())
+    out.print(f"time: about {plan.total_seconds / 60:.1f} min on a 2-core x86-64 machine ({parts})")
+    verdict = "fits" if plan.fits else "does NOT fit"
+    out.print(f"peak memory: about {plan.peak_memory_bytes / 2**30:.1f} GiB; {plan.available_memory_bytes / 2**30:.1f}"
+              f" GiB free now: {verdict}")
 
 
 def _mb(n: int) -> str:
