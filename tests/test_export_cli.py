@@ -97,6 +97,13 @@ def test_dry_run_predicts_the_package_and_writes_nothing(tmp_path, capsys, tiny_
     quantized = plan_export(ExportConfig(out=tmp_path / "pkg", **{**TINY_PACKAGE, "quantize": str(q)}))
     assert set(quantized.foundation_bytes.values()) == {summary.stored_bytes + summary.unquantized_bytes}
 
+    from test_families import family_dir  # a Hugging Face directory: only its config.json is read
+
+    src, model = family_dir(tmp_path / "dirs", "phi3")
+    fused = plan_export(ExportConfig(model=str(src), ranks=(4,), target_modules=("qkv_proj",), out=tmp_path / "p3"))
+    assert fused.model_type == "phi3" and fused.parameters == sum(t.numel() for t in model.parameters())
+    assert fused.rank_bytes[4]["adapter"] == 4 * 4 * (64 + 128) * 2  # fp32 A (4, 64), B (64 + 2 × 32, 4); 2 layers
+
 
 def test_dry_run_of_a_model_larger_than_memory_says_it_does_not_fit(tmp_path, capsys, monkeypatch):
     import psutil

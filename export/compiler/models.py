@@ -177,11 +177,12 @@ def meta_model(spec: str | ModelSpec) -> LoadedModel:
         if ms.kind == "random":
             arch = ARCHITECTURES[ms.arch or ""]
             config = AutoConfig.for_model(arch.model_type, **arch.hf_config_dict())
-        elif ms.kind == "gguf":
-            assert ms.path is not None
-            config = AutoConfig.from_pretrained(str(ms.path.parent), gguf_file=ms.path.name)
+        elif ms.kind == "gguf" or (ms.kind == "embedded" and _converted_embedded() is None):
+            gguf = ms.path if ms.kind == "gguf" else embedded_gguf()  # the wheel's file: copied, not converted
+            assert gguf is not None
+            config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         else:
-            path = embedded_hf_dir() if ms.kind == "embedded" else ms.path
+            path = _converted_embedded() if ms.kind == "embedded" else ms.path
             config = AutoConfig.from_pretrained(str(path))
             if getattr(config, "text_config", None) is not None and getattr(config, "vision_config", None):
                 config = config.text_config  # an image-text checkpoint: its language model is what is exported
@@ -453,7 +454,7 @@ def embedded_hf_dir() -> Path:
     """
     out = cache_dir() / "models" / EMBEDDED_NAME / "hf"
     marker = out / "lorafleet-source.sha256"
-    if marker.is_file() and marker.read_text().strip() == EMBEDDED_SHA256:
+    if _converted_embedded() is not None:
         return out
     import torch
 
@@ -472,6 +473,13 @@ def embedded_hf_dir() -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
+
+
+def _converted_embedded() -> Path | None:
+    """The embedded model's Hugging Face directory if it has been converted from this GGUF already."""
+    out = cache_dir() / "models" / EMBEDDED_NAME / "hf"
+    marker = out / "lorafleet-source.sha256"
+    return out if marker.is_file() and marker.read_text().strip() == EMBEDDED_SHA256 else None
 
 
 def _sha256(path: Path) -> str:
