@@ -286,12 +286,12 @@ class PromptGrid:
                 connected = set(self._grid.get_node_ids())
                 for node in [n for n in waiting if n in connected]:
                     copy = _copy(waiting.pop(node))
-                    (new_id,) = self._grid.push_messages([copy])
+                    new_ids = list(self._grid.push_messages([copy]))
                     sent_again[node] = sent_again.get(node, 0) + 1
                     log(INFO, "node %d missed its heartbeats and is connected again: its message is sent again",
                         node)
-                    if new_id:
-                        pending[new_id] = copy
+                    if new_ids and new_ids[0]:
+                        pending[new_ids[0]] = copy
             if got and self.on_replies:
                 self.on_replies(len(replies), total)
             if not (pending or waiting) or (timeout is not None and time.monotonic() >= deadline):

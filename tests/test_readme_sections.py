@@ -30,7 +30,7 @@ def substitutions(port: int, flower_ports: tuple[int, int, int]) -> dict[tuple[s
     loopback = [("0.0.0.0", "127.0.0.1")]  # the suite listens on loopback only
     return {
         (EXPORT, "bash", 0): TINY + [("--ranks 4,8,16,32", "--ranks 4,8")],  # scale: two ranks, not four
-        (EXPORT, "bash", 1): TINY,
+        (EXPORT, "bash", 2): TINY,  # block 1, the dry run of a 3B model, runs as written (it loads no weights)
         (INSPECT, "bash", 0): [("cache remove smollm2-135m", "cache remove --all")],  # the suite has no real model
         (FED, "bash", 0): [  # the package is the export section's; a one-round, one-device federation
             ("lorafleet export smollm2-135m --ranks 4,8,16 --target-modules q_proj,v_proj --out pkg\n", ""),
@@ -68,8 +68,10 @@ def test_the_package_and_federation_sections_run_as_written(tmp_path):
 
     # the first hour's data (the train section's data.jsonl)
     run_bash("lorafleet data --out data.jsonl --examples 8", work, env)
-    out = run_bash(block(EXPORT, "bash", 0) + block(EXPORT, "bash", 1), work, env).stderr
+    out = run_bash(block(EXPORT, "bash", 0) + block(EXPORT, "bash", 2), work, env).stderr
     assert "rank 8: export ONNX Runtime training artifacts" in out, out[-2000:]
+    dry = run_bash(block(EXPORT, "bash", 1), work, env).stdout
+    assert "random:llama-3.2-3b (llama, 3.21 B parameters, 28 layers)" in dry and not (work / "pkg-3b").exists()
     assert open_package(work / "pkg").manifest.ranks == [4, 8]
     assert open_package(work / "pkg-int8").manifest.quantization
     code = block(EXPORT, "python") + "assert adapter.r == 8 and loss > 0\n"
