@@ -23,7 +23,7 @@ demo: install
 # Two pytest workers (CI has 2 cores); a test file stays on one worker, so its module fixtures are built once.
 TEST_WORKERS ?= 2
 test: install
-	@echo "running the test suite on $(TEST_WORKERS) workers (about 40 minutes on 2 cores; a dot per test)"
+	@echo "running the test suite on $(TEST_WORKERS) workers (20-40 minutes on 2 cores; a dot per test)"
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 lint: install
