@@ -91,15 +91,6 @@ class ExportPlan:
     def fits(self) -> bool:
         return self.peak_memory_bytes <= FIT_FRACTION * self.available_memory_bytes
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"spec": self.spec, "model_type": self.model_type, "parameters": self.parameters,
-                "num_layers": self.num_layers, "quantize": self.quantize, "runtimes": list(self.runtimes),
-                "ranks": list(self.ranks), "foundation_bytes": self.foundation_bytes,
-                "rank_bytes": {str(r): v for r, v in self.rank_bytes.items()},
-                "package_bytes": self.package_bytes, "seconds": self.seconds, "total_seconds": self.total_seconds,
-                "peak_memory_bytes": self.peak_memory_bytes, "available_memory_bytes": self.available_memory_bytes,
-                "fits": self.fits, "step_memory_bytes": {str(r): v for r, v in self.step_memory_bytes.items()}}
-
 
 def plan_export(cfg: Any, rates: Rates = RATES) -> ExportPlan:
     """The plan of ``cfg`` (an :class:`~lorafleet.export.compiler.pipeline.ExportConfig`); raises what the
