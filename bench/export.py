@@ -110,10 +110,12 @@ def _sizes(path: str) -> dict[str, Any]:
     }
 
 
-def _worst(checks: list[dict[str, Any]]) -> dict[str, float]:
+def _worst(checks: list[dict[str, Any]], by_artifact: bool = False) -> dict[str, float]:
+    """The largest value of each verification metric (``artifact:metric`` with ``by_artifact``)."""
     worst: dict[str, float] = {}
     for c in checks:
-        worst[c["metric"]] = max(worst.get(c["metric"], 0.0), c["value"])
+        key = f"{c['artifact']}:{c['metric']}" if by_artifact else c["metric"]
+        worst[key] = max(worst.get(key, 0.0), float(c["value"]))
     return worst
 
 

@@ -27,31 +27,19 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
-def worst_checks(package: Path) -> dict[str, float]:
-    """The largest value of each verification metric in ``package``'s manifest, by artifact and metric."""
-    checks = json.loads((package / "manifest.json").read_text())["verification"]["checks"]
-    worst: dict[str, float] = {}
-    for c in checks:
-        key = f"{c['artifact']}:{c['metric']}"
-        worst[key] = max(worst.get(key, 0.0), float(c["value"]))
-    return worst
-
-
 def run_case(root: Path, model_type: str, runtime: str, quantize: str, window: int | None,
              targets: str) -> dict[str, Any]:
     import test_families
 
-    from export import bench_export  # bench/export.py (this script's directory is first on sys.path)
+    from export import _worst, bench_export  # bench/export.py (this script's directory is first on sys.path)
     from lorafleet.export.compiler.architectures import FAMILIES, layer_shapes
+    from lorafleet.export.formats.package import open_package
 
-    features = {t: dict(f) for t, f in test_families.FEATURES.items()}
-    if window is not None:
-        for f in features.values():
-            if "sliding_window" in f:
-                f["sliding_window"] = window
-    test_families.FEATURES.clear()
-    test_families.FEATURES.update(features)
-    src, model = test_families.family_dir(root / f"{model_type}-{runtime}-{quantize}".replace(":", "_"), model_type)
+    features = dict(test_families.FEATURES.get(model_type, {}))
+    if window is not None and "sliding_window" in features:
+        features["sliding_window"] = window
+    src, model = test_families.family_dir(root / f"{model_type}-{runtime}-{quantize}".replace(":", "_"), model_type,
+                                          features=features)
     modules = tuple(layer_shapes(model)) if targets == "all" else FAMILIES[model_type].default_targets
     out = src.parent / "pkg"
     args = argparse.Namespace(model=str(src), ranks="4", target_modules=",".join(modules),
@@ -61,7 +49,7 @@ def run_case(root: Path, model_type: str, runtime: str, quantize: str, window: i
     row.update({"kind": "family", "family": model_type, "model": f"2-layer {model_type}",
                 "sliding_window": getattr(model.config, "sliding_window", None), "target_modules": list(modules)})
     if row["returncode"] == 0:
-        row["worst"] = worst_checks(out)
+        row["worst"] = _worst(open_package(out, verify=False).manifest.verification["checks"], by_artifact=True)
     return row
 
 

@@ -31,15 +31,16 @@ FEATURES = {  # per family: what makes the small model use the family's distinct
 }
 
 
-def family_dir(root, model_type: str, seed: int = 0):
-    """A 2-layer random model of ``model_type`` saved as a sharded Hugging Face directory."""
+def family_dir(root, model_type: str, seed: int = 0, features: dict | None = None):
+    """A 2-layer random model of ``model_type`` saved as a sharded Hugging Face directory (``features``: the
+    family's settings instead of :data:`FEATURES`' entry)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.for_model(model_type, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=272,
                                   max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                                  **FEATURES.get(model_type, {}))
+                                  **(FEATURES.get(model_type, {}) if features is None else features))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

@@ -1,0 +1,59 @@
+"""ONNX Runtime session options against the device memory of a quantized package's training step.
+
+    .venv/bin/python bench/ort_memory.py PKG RANK VARIANT [--json docs/bench/ort-memory.jsonl]
+
+VARIANT: ``base`` (lorafleet's options: constant folding off), ``arena`` (also the CPU memory arena off),
+``PRIORITY_BASED`` / ``MEMORY_EFFICIENT`` (also that execution order), ``cse`` (common-subexpression
+elimination off as well), ``none`` (every graph optimization off). The step is measured as
+``bench/quantize.py``'s ``step_child`` measures it (one process per variant: run each in a fresh one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def options(variant: str) -> Any:
+    import onnxruntime as ort
+
+    o = ort.SessionOptions()
+    if variant == "none":
+        o.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        return o
+    disabled = "ConstantFolding,CommonSubexpressionElimination" if variant == "cse" else "ConstantFolding"
+    o.add_session_config_entry("optimization.disable_specified_optimizers", disabled)
+    if variant in ("PRIORITY_BASED", "MEMORY_EFFICIENT"):
+        o.execution_order = getattr(ort.ExecutionOrder, variant)
+    elif variant == "arena":
+        o.enable_cpu_mem_arena = False
+    return o
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("package")
+    ap.add_argument("rank", type=int)
+    ap.add_argument("variant", choices=("base", "arena", "PRIORITY_BASED", "MEMORY_EFFICIENT", "cse", "none"))
+    ap.add_argument("--json", default="docs/bench/ort-memory.jsonl")
+    args = ap.parse_args()
+    import quantize  # bench/quantize.py
+
+    import lorafleet.export.runtime.onnx as runtime
+
+    runtime.session_options = lambda: options(args.variant)  # what every OnnxTrainer session is built with
+    row = {"date": time.strftime("%Y-%m-%d %H:%M"), "package": args.package, "rank": args.rank,
+           "variant": args.variant, **quantize.step_child(args.package, args.rank, "onnx")}
+    with open(args.json, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()
