@@ -6,9 +6,9 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 export FLWR_TELEMETRY_ENABLED = 0
 
-.PHONY: install demo test lint typecheck clean-venv
+.PHONY: install native demo test lint typecheck clean-venv
 
-install: $(STAMP)
+install: $(STAMP) native
 
 $(STAMP): pyproject.toml
 	@echo "installing lorafleet and its stack into $(VENV) (about 3 minutes the first time)"
@@ -16,6 +16,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	@touch $(STAMP)
+
+# The native trainer (edge_client/native, C++ on the executorch wheel's runtime): built when cmake and a C++
+# compiler are present, skipped with the reason otherwise. Incremental: a second run compiles nothing.
+native: $(STAMP)
+	@.ci/build-native
 
 demo: install
 	$(BIN)/lorafleet demo

@@ -84,7 +84,8 @@ def profile_device(device: DeviceReport, package: Package | None, backend: str, 
     mem_fit, time_fit = fit_growth(package, measured)
     predictions = predict(package, mem_fit, time_fit)
     decision = choose_rank(device, predictions, budgets)
-    if device.runtimes is not None and backend not in device.runtimes:
+    runtime = "executorch" if backend == "native" else backend  # the native trainer runs the ExecuTorch programs
+    if device.runtimes is not None and runtime not in device.runtimes:
         notes.append(f"{device.name} does not list {backend} among its runtimes ({', '.join(device.runtimes)}): "
                      f"these figures are {backend}'s, measured here")
     decision.reasons[:0] = fixed_term_reasons(package, backend, measured, mem_fit, time_fit) + notes
@@ -189,15 +190,18 @@ def _measure_here(package_path: str, rank: int, backend: str, steps: int, warmup
     be = make_backend(backend, pkg, rank, OptimizerConfig())
     for _ in range(warmup):
         be.step(batch)
+    # the native backend trains in its own process (the device's): its CPU time and peak are that process's
+    cpu_clock = getattr(be, "cpu_seconds", time.process_time)
     seconds, cpu = [], []
     for _ in range(steps):
-        start, start_cpu = time.perf_counter(), time.process_time()
+        start, start_cpu = time.perf_counter(), cpu_clock()
         loss = be.step(batch)
         seconds.append(time.perf_counter() - start)
-        cpu.append(time.process_time() - start_cpu)
+        cpu.append(cpu_clock() - start_cpu)
     if not math.isfinite(loss):
         raise LorafleetError(f"rank {rank} on {backend}: non-finite loss {loss}")
-    return {"rank": rank, "device_memory_bytes": max(0, peak_rss_bytes() - baseline),
+    device = be.peak_rss_bytes() if hasattr(be, "peak_rss_bytes") else max(0, peak_rss_bytes() - baseline)
+    return {"rank": rank, "device_memory_bytes": device,
             "step_seconds": statistics.median(seconds),
             "cpu_seconds": statistics.median(cpu)}
 

@@ -27,7 +27,7 @@ from lorafleet.export.formats.errors import ConfigError
 from lorafleet.export.formats.package import Package, open_package
 from lorafleet.export.formats.program import LoraSpec
 
-COMPILED = ("executorch", "onnxruntime")  # backends whose programs have a fixed batch shape
+COMPILED = ("executorch", "onnxruntime", "native")  # backends whose programs have a fixed batch shape
 
 
 @dataclass
@@ -99,7 +99,9 @@ def train_local(package: Package | str | Path, rank: int, backend: str | Trainin
     adapter, decision = be.adapter_state(), None
     if self_prune_config is not None and received is not None:
         adapter, decision = apply_self_prune(received, adapter, self_prune_config, pkg.ranks)
-    return TrainResult(adapter=adapter, losses=losses, peak_rss_bytes=peak_rss_bytes(),
+    # the native backend trains in a process of its own: its peak is the device's
+    peak = be.peak_rss_bytes() if hasattr(be, "peak_rss_bytes") else peak_rss_bytes()
+    return TrainResult(adapter=adapter, losses=losses, peak_rss_bytes=peak,
                        step_seconds=statistics.median(seconds), num_examples=len(examples), rank=adapter.r,
                        trained_rank=rank, backend=be.name, prune=decision)
 

@@ -34,3 +34,42 @@ def nonzero_adapter(r: int, *, lora_alpha: float = 16.0, seed: int = 0, scale: f
             mods[f"model.layers.{layer}.self_attn.{name}"] = LoraPair(
                 torch.randn(r, inp, generator=g) * scale, torch.randn(out, r, generator=g) * scale, lora_alpha / r)
     return Adapter(mods, peft_config(sorted(TINY_SHAPES), r, lora_alpha))
+
+
+def require_native() -> str:
+    """The built native trainer's path; skips (naming why) only where there is no C++ toolchain to build it."""
+    import shutil
+
+    import pytest
+
+    from lorafleet.edge_client.backends.native_backend import native_binary
+    from lorafleet.export.formats.errors import ConfigError
+
+    try:
+        return str(native_binary())
+    except ConfigError as exc:
+        if shutil.which("cmake") and (shutil.which("c++") or shutil.which("g++")):
+            pytest.fail(f"{exc} (cmake and a C++ compiler are present: `make install` builds it)")
+        pytest.skip(f"no C++ toolchain here to build the native trainer: {exc}")
+
+
+def require_native_join() -> str:
+    """The native tool, built with `join` (Flower's Fleet API); skips only where its libraries are absent."""
+    import shutil
+    import subprocess
+
+    import pytest
+
+    tool = require_native()
+    proc = subprocess.run([tool, "join"], capture_output=True, text=True, timeout=30)
+    if "no Fleet API client" not in proc.stderr:
+        return tool
+    def found(lib: str) -> bool:
+        return subprocess.run(["pkg-config", "--exists", lib], capture_output=True).returncode == 0
+
+    if shutil.which("protoc") and shutil.which("pkg-config") and all(map(found, ("libcurl", "openssl", "protobuf"))):
+        pytest.fail("libcurl, OpenSSL, protobuf and protoc are present, yet lorafleet-native has no join: "
+                    "see build/native-configure.log")
+    pytest.skip("lorafleet-native is built without join: it needs libcurl, OpenSSL and protobuf development "
+                "files and protoc (apt-get install libcurl4-openssl-dev libssl-dev libprotobuf-dev "
+                "protobuf-compiler)")

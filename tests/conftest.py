@@ -40,7 +40,7 @@ def tiny_package(tmp_path_factory):
 # pending: the one-test real export gets the quick test_stack.py queued behind it, not another long file.
 LONG_FILES = ("test_export_real.py", "test_federation_deploy.py", "test_stack.py", "test_backends.py",
               "test_readme_sections.py", "test_readme.py",
-              "test_fleet_run.py", "test_executorch.py")
+              "test_fleet_run.py", "test_executorch.py", "test_native.py")
 
 
 def pytest_collection_modifyitems(config, items):

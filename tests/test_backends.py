@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from client_helpers import EXAMPLES, nonzero_adapter
+from client_helpers import EXAMPLES, nonzero_adapter, require_native
 
 from lorafleet.edge_client.backends import BACKENDS, AdamW, OptimizerConfig, make_backend
 from lorafleet.edge_client.data import batches, encode_all
@@ -57,8 +57,14 @@ def tiny_batches(pkg):
     return list(batches(enc, pkg.manifest.batch_size, STEPS, seed=1))
 
 
+def _make(name, pkg, rank, optimizer):
+    if name == "native":
+        require_native()
+    return make_backend(name, pkg, rank, optimizer)
+
+
 def _run(pkg, name, tiny_batches):
-    be = make_backend(name, pkg, RANK, OptimizerConfig(lr=1e-2))
+    be = _make(name, pkg, RANK, OptimizerConfig(lr=1e-2))
     be.load_adapter(nonzero_adapter(RANK))
     losses = [be.step(b) for b in tiny_batches]
     return losses, be.adapter_state()
@@ -69,7 +75,7 @@ def reference(pkg, tiny_batches):
     return _run(pkg, "torch", tiny_batches)
 
 
-@pytest.mark.parametrize("name", ["onnxruntime", "executorch"])
+@pytest.mark.parametrize("name", ["onnxruntime", "executorch", "native"])
 def test_per_step_losses_agree_with_torch(pkg, tiny_batches, reference, name):
     ref_losses, ref_adapter = reference
     losses, adapter = _run(pkg, name, tiny_batches)
@@ -84,7 +90,7 @@ def test_per_step_losses_agree_with_torch(pkg, tiny_batches, reference, name):
 
 @pytest.mark.parametrize("name", BACKENDS)
 def test_adapter_round_trip_and_rescaling(pkg, tiny_batches, name):
-    be = make_backend(name, pkg, RANK, OptimizerConfig(lr=1e-2))
+    be = _make(name, pkg, RANK, OptimizerConfig(lr=1e-2))
     start = nonzero_adapter(RANK, seed=3)
     be.load_adapter(start)
     out = be.adapter_state()
@@ -98,7 +104,7 @@ def test_adapter_round_trip_and_rescaling(pkg, tiny_batches, name):
 
 @pytest.mark.parametrize("name", BACKENDS)
 def test_wrong_rank_or_modules_are_refused(pkg, name):
-    be = make_backend(name, pkg, RANK, OptimizerConfig())
+    be = _make(name, pkg, RANK, OptimizerConfig())
     with pytest.raises(AdapterError, match=r"adapter has rank \[2\], the program trains rank 4"):
         be.load_adapter(nonzero_adapter(2))
     bad = nonzero_adapter(RANK)
@@ -108,7 +114,7 @@ def test_wrong_rank_or_modules_are_refused(pkg, name):
 
 
 def test_make_backend_errors(pkg):
-    assert BACKENDS == ("executorch", "onnxruntime", "torch")
+    assert BACKENDS == ("executorch", "onnxruntime", "torch", "native")
     with pytest.raises(ConfigError, match="unknown backend 'tflite'"):
         make_backend("tflite", pkg, RANK, OptimizerConfig())
     with pytest.raises(Exception, match=r"the package has no rank 16 \(ranks: \[2, 4, 8\]\)"):

@@ -5,8 +5,8 @@ import os
 import subprocess
 import sys
 
-COMMANDS = ["aggregate", "cache", "certs", "client", "data", "demo", "distribute", "export", "fleet", "gateway",
-            "models", "node-key", "package", "profile", "serve", "train"]  # `cache` and `package` are groups
+COMMANDS = ["aggregate", "batches", "cache", "certs", "client", "data", "demo", "distribute", "export", "fleet",
+            "gateway", "models", "node-key", "package", "profile", "serve", "train"]  # `cache` and `package` are groups
 
 
 def _run(*args, env=None):

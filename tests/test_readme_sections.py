@@ -21,6 +21,7 @@ from readme_helpers import REPO, readme_env, run_bash, section_blocks, substitut
 EXPORT = "Export an edge package"
 FED = "Run a real federation"
 INSPECT = "Inspect packages, write data, manage the cache"
+NATIVE = "Train without Python (the native device)"
 TINY = [("smollm2-135m", "random:tiny")]  # a small model: the real one's export takes ~20 minutes
 
 
@@ -32,6 +33,7 @@ def substitutions(port: int, flower_ports: tuple[int, int, int]) -> dict[tuple[s
         (EXPORT, "bash", 0): TINY + [("--ranks 4,8,16,32", "--ranks 4,8")],  # scale: two ranks, not four
         (EXPORT, "bash", 2): TINY,  # block 1, the dry run of a 3B model, runs as written (it loads no weights)
         (INSPECT, "bash", 0): [("cache remove smollm2-135m", "cache remove --all")],  # the suite has no real model
+        (NATIVE, "bash", 0): [("make native\n", "")],  # `make install` built it; the folder has no Makefile
         (FED, "bash", 0): [  # the package is the export section's; a one-round, one-device federation
             ("lorafleet export smollm2-135m --ranks 4,8,16 --target-modules q_proj,v_proj --out pkg\n", ""),
             ("--rounds 20 --min-clients 3", "--rounds 1 --min-clients 1"),
@@ -48,6 +50,28 @@ def substitutions(port: int, flower_ports: tuple[int, int, int]) -> dict[tuple[s
                              ("min_valid=50, fraction=0.1", "min_valid=2, fraction=1.0"),
                              ("num_supernodes=1000", "num_supernodes=4")],
     }
+
+
+def native_section(work, env, block) -> None:
+    """The native section's block with the tool `make install` built (build/ linked in like .venv); the two
+    `train` commands of the block train the same batches, so their last losses agree."""
+    from client_helpers import require_native
+
+    tool = require_native()
+    (work / "build" / "native").mkdir(parents=True)
+    (work / "build" / "native" / "lorafleet-native").symlink_to(tool)
+    proc = run_bash(block(NATIVE), work, env)
+    out = proc.stdout + proc.stderr  # lorafleet's progress lines go to stderr
+    python_last = re.findall(r"step 20/20: loss (\d+\.\d+)", out)
+    native_last = [json.loads(x)["loss"] for x in out.splitlines() if x.startswith('{"step": 20,')]
+    assert python_last and native_last and abs(float(python_last[0]) - native_last[0]) < 1e-3, out[-2000:]
+    assert '"next_token"' in out and read_adapter_r(work / "adapter-app") == 8
+
+
+def read_adapter_r(path) -> int:
+    from lorafleet.export.formats.adapter import read_adapter
+
+    return read_adapter(path).r
 
 
 @pytest.mark.slow
@@ -83,6 +107,7 @@ def test_the_package_and_federation_sections_run_as_written(tmp_path):
     assert "selected" in profile and '"selected_rank"' in profile, profile[-2000:]
     assert "trained rank 8" in run_bash(block("Train locally"), work, env).stdout
     assert read_adapter(work / "adapter-r8").r == 8
+    native_section(work, env, block)
     inspect = run_bash(block(INSPECT), work, env).stdout
     assert "OK:" in inspect and (work / "heldout.jsonl").is_file()
 

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 import torch
-from client_helpers import EXAMPLES, nonzero_adapter, write_jsonl
+from client_helpers import EXAMPLES, nonzero_adapter, require_native, write_jsonl
 
 from lorafleet.cli import main
 from lorafleet.edge_client.self_prune import SelfPruneConfig
@@ -16,12 +16,15 @@ from lorafleet.export.formats.errors import AdapterError, ConfigError
 TRAIN_KEYS = ["losses", "peak_rss_bytes", "step_seconds", "num_examples", "rank"]
 
 
-@pytest.mark.parametrize("backend", ["onnxruntime", "executorch"])
+@pytest.mark.parametrize("backend", ["onnxruntime", "executorch", "native"])
 def test_train_local_on_a_compiled_backend(tiny_package, backend):
+    if backend == "native":
+        require_native()
     res = train_local(tiny_package, 4, backend, EXAMPLES, initial_adapter=nonzero_adapter(8), steps=4,
                       lr=1e-2, seed=0)
     assert len(res.losses) == 4 and res.rank == res.trained_rank == 4 and res.num_examples == 4
-    assert res.peak_rss_bytes > 50 << 20 and res.step_seconds > 0 and res.prune is None
+    assert res.peak_rss_bytes > (4 << 20 if backend == "native" else 50 << 20)  # no interpreter in native's
+    assert res.step_seconds > 0 and res.prune is None
     assert list(res.to_json()) == TRAIN_KEYS
     start = nonzero_adapter(8)  # truncated to rank 4 on the way in: training starts from its first 4 components
     p0 = next(iter(start.modules.values()))

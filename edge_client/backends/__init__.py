@@ -1,7 +1,7 @@
 """On-device training backends behind one protocol (:mod:`lorafleet.edge_client.backends.base`).
 
 Heavy runtimes are imported only when a backend is built: torch eager + PEFT (the reference), ONNX Runtime
-training, ExecuTorch training programs.
+training, ExecuTorch training programs (in this process, or natively in ``lorafleet-native``).
 """
 
 from __future__ import annotations
@@ -30,6 +30,10 @@ def make_backend(name: str, package: Package, rank: int, optimizer: OptimizerCon
         from lorafleet.edge_client.backends.onnx_backend import OnnxBackend
 
         return OnnxBackend.from_package(package, rank, optimizer)
+    if name == "native":
+        from lorafleet.edge_client.backends.native_backend import NativeBackend
+
+        return NativeBackend.from_package(package, rank, optimizer)
     from lorafleet.edge_client.backends.executorch_backend import ExecutorchBackend
 
     return ExecutorchBackend.from_package(package, rank, optimizer)

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from lorafleet.edge_client.data import Batch
     from lorafleet.export.formats.adapter import Adapter
 
-BACKENDS = ("executorch", "onnxruntime", "torch")
+BACKENDS = ("executorch", "onnxruntime", "torch", "native")
 
 
 @dataclass(frozen=True)

@@ -39,16 +39,23 @@ def certs(
 def node_key(
     out: Annotated[Path, typer.Option("--out", metavar="FILE",
                                       help="The private key; FILE.pub is its public key.")],
+    key_format: Annotated[str, typer.Option(
+        "--format", metavar="openssh|pkcs8",
+        help="The private key's format: openssh (lorafleet client, Flower's SuperNode) or pkcs8 (PEM: "
+             "lorafleet-native join, OpenSSL).")] = "openssh",
 ) -> None:
-    """Make a SuperNode authentication key pair (ECDSA P-384, OpenSSH format)."""
+    """Make a SuperNode authentication key pair (ECDSA P-384; the public key in OpenSSH format)."""
     from lorafleet.export.formats.errors import ConfigError
-    from lorafleet.federation.certs import write_node_key
+    from lorafleet.federation.certs import KEY_FORMATS, write_node_key
 
+    if key_format not in KEY_FORMATS:
+        raise ConfigError(f"--format must be one of {', '.join(KEY_FORMATS)}, got {key_format!r}")
     pub = out.with_name(out.name + ".pub")
     if out.exists() or pub.exists():
         raise ConfigError(f"{out if out.exists() else pub} already exists")
-    private, public = write_node_key(out)
-    typer.echo(f"wrote {private} (the device keeps it: lorafleet client --auth-key) and {public} "
+    private, public = write_node_key(out, key_format)
+    user = "lorafleet-native join --auth-key" if key_format == "pkcs8" else "lorafleet client --auth-key"
+    typer.echo(f"wrote {private} (the device keeps it: {user}) and {public} "
                f"(for the server: lorafleet serve --authorized-keys)")
 
 
@@ -56,4 +63,5 @@ def register(app: typer.Typer) -> None:
     app.command("certs", epilog=examples(
         "lorafleet certs --out tls --name server.example.org --name 127.0.0.1",
     ))(certs)
-    app.command("node-key", epilog=examples("lorafleet node-key --out keys/jetson-1"))(node_key)
+    app.command("node-key", epilog=examples("lorafleet node-key --out keys/jetson-1",
+                                            "lorafleet node-key --out keys/phone-1 --format pkcs8"))(node_key)

@@ -44,7 +44,7 @@ def client(
                                                      "name in profiles/).")] = None,
     measure: Annotated[bool, typer.Option("--measure", help="Measure this machine (e.g. a Jetson).")] = False,
     backend: Annotated[str, typer.Option("--backend", metavar="B",
-                                         help="executorch, onnxruntime or torch (default: the first the "
+                                         help="executorch, onnxruntime, torch or native (default: the first the "
                                               "device and the package both have).")] = "auto",
     root_certificates: Annotated[str, typer.Option("--root-certificates", metavar="CA",
                                                    help="TLS: the CA certificate to verify the server "

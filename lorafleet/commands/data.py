@@ -102,8 +102,48 @@ def _umask() -> int:
     return mask
 
 
+def batches(
+    package: Annotated[Path, typer.Option("--package", help="Edge package: its tokenizer, sequence length and "
+                                                            "batch size.")],
+    data: Annotated[Path, typer.Option("--data", help="JSONL training data (as `lorafleet train --data`).")],
+    steps: Annotated[int, typer.Option("--steps", help="Number of batches.")],
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the data order.")],
+    out: Annotated[Path, typer.Option("--out", metavar="FILE", help="The token-batch file to create (new).")],
+    skip_invalid: Annotated[bool, typer.Option(
+        "--skip-invalid", help="Skip malformed data lines instead of failing.")] = False,
+) -> None:
+    """Tokenize training data into the batch file the native trainer reads (`lorafleet-native train --batches`):
+    the same batches, in the same order, that `lorafleet train` with these --steps and --seed trains on."""
+    from lorafleet.edge_client.backends.native_backend import write_batches
+    from lorafleet.edge_client.data import batches as make_batches
+    from lorafleet.edge_client.data import encode_all, read_jsonl
+    from lorafleet.edge_client.tokenizer import load_tokenizer
+    from lorafleet.export.formats.errors import ConfigError
+    from lorafleet.export.formats.package import open_package
+
+    if steps < 1:
+        raise ConfigError(f"--steps must be at least 1, got {steps}")
+    if out.exists() or out.is_symlink():
+        raise ConfigError(f"--out {out} already exists; remove it or choose another file")
+    pkg = open_package(package, verify=False)
+    m = pkg.manifest
+    dataset = read_jsonl(data, skip_invalid=skip_invalid)
+    encoded = encode_all(load_tokenizer(m.model.spec), dataset.examples, m.seq_len)
+    tmp = out.with_name(out.name + ".partial")
+    try:
+        n = write_batches(tmp, make_batches(encoded, m.batch_size, steps, seed))
+        tmp.rename(out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    typer.echo(f"wrote {n} batches of {m.batch_size} x {m.seq_len} tokens ({len(dataset.examples)} examples) "
+               f"to {out}")
+
+
 def register(app: typer.Typer) -> None:
     app.command("data", epilog=examples(
         "lorafleet data --out data.jsonl --examples 16",
         "lorafleet data --out heldout.jsonl --split heldout",
     ))(data)
+    app.command("batches", epilog=examples(
+        "lorafleet batches --package pkg --data data.jsonl --steps 20 --seed 0 --out batches.bin",
+    ))(batches)

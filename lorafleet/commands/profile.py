@@ -17,6 +17,7 @@ class BackendName(StrEnum):
     executorch = "executorch"
     onnxruntime = "onnxruntime"
     torch = "torch"
+    native = "native"
 
 
 def profile(

@@ -77,16 +77,22 @@ def write_tls(directory: Path, names: Sequence[str], *, days: int = DEFAULT_DAYS
     return files
 
 
-def write_node_key(private_path: Path) -> tuple[Path, Path]:
-    """Write a SuperNode key pair: ``private_path`` (OpenSSH private key) and ``private_path.pub``."""
+KEY_FORMATS = ("openssh", "pkcs8")
+
+
+def write_node_key(private_path: Path, key_format: str = "openssh") -> tuple[Path, Path]:
+    """Write a SuperNode key pair: ``private_path`` (the private key: OpenSSH, what Flower's SuperNode reads, or
+    PKCS#8 PEM, what OpenSSL and ``lorafleet-native join`` read) and ``private_path.pub`` (OpenSSH)."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
+    if key_format not in KEY_FORMATS:
+        raise ConfigError(f"key format must be one of {', '.join(KEY_FORMATS)}, got {key_format!r}")
     key = ec.generate_private_key(ec.SECP384R1())
     public_path = private_path.with_name(private_path.name + ".pub")
     private_path.parent.mkdir(parents=True, exist_ok=True)
-    _write_private(private_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                                   serialization.NoEncryption()))
+    fmt = serialization.PrivateFormat.OpenSSH if key_format == "openssh" else serialization.PrivateFormat.PKCS8
+    _write_private(private_path, key.private_bytes(serialization.Encoding.PEM, fmt, serialization.NoEncryption()))
     _write_public(public_path, key.public_key().public_bytes(serialization.Encoding.OpenSSH,
                                                              serialization.PublicFormat.OpenSSH) + b"\n")
     return private_path, public_path
