@@ -117,6 +117,15 @@ def _wrong_rank(tmp_path):
     return ["--adapter", tmp_path / "r2"]
 
 
+def _bad_token(tmp_path):
+    from lorafleet.edge_client.data import Batch
+
+    ids = np.zeros((1, 16), dtype=np.int64)
+    ids[0, 3] = 10**6
+    write_batches(tmp_path / "bad.bin", [Batch(ids, ids.copy())])
+    return ["--batches", tmp_path / "bad.bin"]
+
+
 @pytest.mark.parametrize("make_args, message", [
     (lambda p: ["--adapter", p / "missing"], "no such adapter directory"),
     (_corrupt_header, "header length out of bounds"),
@@ -125,6 +134,7 @@ def _wrong_rank(tmp_path):
     (lambda p: ["--rank", 16], "has no ExecuTorch training program for rank 16"),
     (lambda p: ["--lr", "fast"], "--lr must be a number"),
     (lambda p: ["--lr", "0"], "lr must be a positive number"),
+    (_bad_token, "token id 1000000 at position 3 is outside the vocabulary (272)"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tool, pkg, tiny_batches, tmp_path, make_args, message):
     write_batches(tmp_path / "batches.bin", tiny_batches[:2])

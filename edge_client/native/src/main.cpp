@@ -14,6 +14,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <map>
@@ -147,6 +148,8 @@ int train(int argc, char** argv) {
   Args a(argc, argv, with({"package", "rank", "batches", "out", "adapter", "steps"}, kOptimizerFlags));
   const int rank = static_cast<int>(a.integer("rank", 1));
   const std::string out = a.str("out");
+  if (std::filesystem::exists(out) && !(std::filesystem::is_directory(out) && std::filesystem::is_empty(out)))
+    throw std::runtime_error(out + " already exists and is not empty (nothing written)");
   Batches batches = read_batches(a.str("batches"));
   const long long steps = a.has("steps") ? a.integer("steps", 1) : static_cast<long long>(batches.count());
   Paths paths = Paths::training(a.str("package"), rank);

@@ -402,10 +402,18 @@ Paths Paths::training(const std::string& package, int rank) {
   const fs::path p(package);
   const std::string r = "rank-" + std::to_string(rank);
   if (!fs::is_regular_file(p / "manifest.json")) fail(package + " is not a lorafleet package (no manifest.json)");
+  if (fs::file_size(p / "manifest.json") > (64u << 20)) fail(package + ": manifest.json is implausibly large");
+  const json manifest = json::parse(read_text(p / "manifest.json"), nullptr, false);
+  if (!manifest.is_object() || !manifest.contains("model") || !manifest["model"].is_object() ||
+      !manifest["model"].contains("vocab_size") || !manifest["model"]["vocab_size"].is_number_unsigned() ||
+      manifest["model"]["vocab_size"].get<int64_t>() < 1)
+    fail(package + ": manifest.json has no model.vocab_size");
   const fs::path pte = p / "executorch" / r / "training.pte";
   if (!fs::is_regular_file(pte)) fail(package + " has no ExecuTorch training program for rank " + std::to_string(rank));
   const fs::path ptd = p / "executorch" / "foundation.ptd";
-  return {pte.string(), fs::is_regular_file(ptd) ? ptd.string() : "", (p / "adapters" / r).string()};
+  Paths out{pte.string(), fs::is_regular_file(ptd) ? ptd.string() : "", (p / "adapters" / r).string()};
+  out.vocab_size = manifest["model"]["vocab_size"].get<int64_t>();
+  return out;
 }
 
 Paths Paths::inference(const std::string& package, int rank) {
@@ -432,7 +440,10 @@ struct Trainer::Impl {
   int64_t t = 0;
   Adapter base;
 
-  Impl(const Paths& paths, const AdamWConfig& o) : program(paths.program, paths.foundation, false), opt(o) {
+  int64_t vocab = 0;
+
+  Impl(const Paths& paths, const AdamWConfig& o)
+      : program(paths.program, paths.foundation, false), opt(o), vocab(paths.vocab_size) {
     lora = program.compiled_lora();
     auto gi = program.run_constant("__et_training_gradients_index_forward");
     auto pi = program.run_constant("__et_training_parameters_index_forward");
@@ -492,8 +503,21 @@ Trainer::Trainer(const Paths& paths, const AdamWConfig& optimizer) : impl_(std::
 }
 Trainer::~Trainer() = default;
 
+static void check_tokens(const int64_t* ids, const int64_t* labels, int64_t n, int64_t vocab) {
+  if (vocab <= 0) return;
+  for (int64_t i = 0; i < n; ++i) {
+    if (ids[i] < 0 || ids[i] >= vocab)
+      fail("token id " + std::to_string(ids[i]) + " at position " + std::to_string(i) +
+           " is outside the vocabulary (" + std::to_string(vocab) + ")");
+    if (labels && labels[i] != -100 && (labels[i] < 0 || labels[i] >= vocab))
+      fail("label " + std::to_string(labels[i]) + " at position " + std::to_string(i) +
+           " is neither -100 nor a token id below " + std::to_string(vocab));
+  }
+}
+
 float Trainer::step(const int64_t* input_ids, const int64_t* labels) {
   Impl& s = *impl_;
+  check_tokens(input_ids, labels, s.ids_sizes[0] * s.ids_sizes[1], s.vocab);
   s.execute(input_ids, labels);
   Method& f = s.program.method("forward");
   const float loss = f.get_output(0).toTensor().const_data_ptr<float>()[0];
@@ -575,7 +599,9 @@ struct Inference::Impl {
   std::vector<TensorImpl::SizesType> ids_sizes;
   std::vector<std::vector<int64_t>> shapes;
 
-  explicit Impl(const Paths& paths) : program(paths.program, paths.foundation, true) {
+  int64_t vocab = 0;
+
+  explicit Impl(const Paths& paths) : program(paths.program, paths.foundation, true), vocab(paths.vocab_size) {
     lora = program.compiled_lora();
     // Every method at once: they share the LoRA state (share_mutable_buffers), initialized when loaded.
     program.load({"forward", "set_lora", "get_lora"});
@@ -614,6 +640,7 @@ std::vector<float> Inference::next_token_logits(const std::vector<int64_t>& ids,
          std::to_string(T));
   std::vector<int64_t> window(static_cast<size_t>(T), pad);
   std::copy(ids.begin(), ids.end(), window.begin());
+  check_tokens(window.data(), nullptr, T, s.vocab);
   Method& f = s.program.method("forward");
   TensorArg a(ScalarType::Long, s.ids_sizes, window.data());
   check(f.set_input(a.value(), 0), "setting input_ids");

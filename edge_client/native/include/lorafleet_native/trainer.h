@@ -48,6 +48,7 @@ std::string peft_key(const std::string& name);
 
 struct Paths {
   std::string program, foundation, initial_adapter;
+  int64_t vocab_size = 0;  // manifest.json's model.vocab_size: token ids and labels are checked against it
   static Paths training(const std::string& package, int rank);
   static Paths inference(const std::string& package, int rank);
 };
@@ -60,7 +61,8 @@ class Trainer {
   Trainer& operator=(const Trainer&) = delete;
 
   // Forward, backward and one AdamW step on a batch of `batch_size() * seq_len()` input ids and labels (-100
-  // ignored). Returns the loss before the update.
+  // ignored). Returns the loss before the update. Ids outside [0, vocab_size) are refused before the program
+  // runs, as are labels that are neither -100 nor such an id.
   float step(const int64_t* input_ids, const int64_t* labels);
   // Loads `adapter` (rescaled to the program's compiled scaling); resets the optimizer unless told not to.
   void load_adapter(const Adapter& adapter, bool reset_optimizer = true);
