@@ -537,7 +537,7 @@ float Trainer::step(const int64_t* input_ids, const int64_t* labels) {
     float* m = s.m[i].data();
     float* v = s.v[i].data();
     for (size_t j = 0, n = s.m[i].size(); j < n; ++j) {
-      // The roundings of ATen's CPU kernels (checked element for element against torch here): add_(g, alpha)
+      // The roundings of ATen's CPU kernels (matched against torch's in-place ops on x86-64): add_(g, alpha)
       // is one fused multiply-add (vec::fmadd(g, alpha, m)); addcmul_ rounds value·g, then fuses ·g + v;
       // addcdiv_ computes (value·m) / denominator, then adds.
       m[j] = std::fma(gp[j], one_b1, m[j] * b1);
