@@ -12,7 +12,9 @@ initial adapter with the same AdamW (lr 1e-3), each in a fresh process, one afte
 * python: `lorafleet.edge_client.backends.executorch_backend` in `python -c` — the same figures, and its peak
   above the process's RSS after importing the runtime (the profiler's "device memory").
 
-The row holds both, the largest per-step loss difference, and the ratios native / python.
+The row holds both, the largest per-step loss difference, and the ratios native / python; the native
+process's anonymous and file-backed resident memory once the program is loaded (`lorafleet-native info`);
+and, after one step of both backends from the same batch, how many LoRA-B elements differ and by how much.
 """
 
 from __future__ import annotations
@@ -76,6 +78,9 @@ def run(pkg: Path, rank: int, steps: int) -> dict[str, object]:
         py = subprocess.run([sys.executable, "-c", PYTHON_SIDE, str(pkg), str(rank), str(data), repr(lr)],
                             capture_output=True, text=True, check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
         python = json.loads(py.stdout.splitlines()[-1])
+        info = json.loads(subprocess.run([str(native_binary()), "info", "--package", str(pkg), "--rank", str(rank)],
+                                         capture_output=True, text=True, check=True).stdout)
+        one_step = _one_step(pkg, rank, data, lr)
     n_loss = [x["loss"] for x in native_steps]
     p_loss = [x["loss"] for x in python["steps"]]
     # the first step of each includes one-time work (first touch of the mapped foundation): medians skip it
@@ -89,12 +94,42 @@ def run(pkg: Path, rank: int, steps: int) -> dict[str, object]:
         "loss_abs_diff_by_step": [abs(a - b) for a, b in zip(n_loss, p_loss, strict=True)],
         "loss_first_last": [n_loss[0], n_loss[-1]],
         "native": {"step_seconds": n_sec, "peak_rss_bytes": peak, "foundation_bytes": mapped,
-                   "planned_bytes": planned, "overhead_bytes": peak - mapped - planned},
+                   "planned_bytes": planned, "overhead_bytes": peak - mapped - planned,
+                   "loaded_rss_anon_bytes": info["rss_anon_bytes"], "loaded_rss_file_bytes": info["rss_file_bytes"]},
+        "after_one_step": one_step,
         "python": {"step_seconds": p_sec, "peak_rss_bytes": python["peak_rss_bytes"],
                    "above_baseline_bytes": python["peak_rss_bytes"] - python["baseline_rss_bytes"]},
         "ratio_step_native_over_python": n_sec / p_sec,
         "ratio_peak_native_over_python": peak / python["peak_rss_bytes"],
     }
+
+
+def _one_step(pkg: Path, rank: int, data: Path, lr: float) -> dict[str, object]:
+    """One step of each backend from the package's initial adapter on the first batch: the LoRA factors that
+    differ afterwards (the first step's gradients, through the same AdamW)."""
+    import numpy as np
+
+    from lorafleet.edge_client.backends import OptimizerConfig, make_backend
+    from lorafleet.edge_client.data import Batch
+    from lorafleet.export.formats.package import open_package
+
+    raw = data.read_bytes()
+    b, t = int.from_bytes(raw[8:12], "little"), int.from_bytes(raw[12:16], "little")
+    ids = np.frombuffer(raw[24:24 + 8 * b * t], dtype="<i8").reshape(b, t).copy()
+    labels = np.frombuffer(raw[24 + 8 * b * t:24 + 16 * b * t], dtype="<i8").reshape(b, t).copy()
+    package = open_package(pkg, verify=False)
+    after = {}
+    for name in ("executorch", "native"):
+        be = make_backend(name, package, rank, OptimizerConfig(lr=lr))
+        be.step(Batch(ids, labels))
+        after[name] = be.adapter_state()
+    differing, largest = 0, 0.0
+    for module, p in after["executorch"].modules.items():
+        d = (p.lora_B - after["native"].modules[module].lora_B).abs()
+        differing += int((d > 0).sum())
+        largest = max(largest, float(d.max()))
+    total = sum(p.lora_B.numel() for p in after["executorch"].modules.values())
+    return {"lora_b_elements": total, "lora_b_differing": differing, "lora_b_max_abs_diff": largest}
 
 
 def main() -> None:

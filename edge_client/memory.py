@@ -27,11 +27,16 @@ def reset_peak_rss() -> bool:
     return peak <= current + (4 << 20) or peak_rss_bytes() < peak
 
 
-def peak_rss_bytes() -> int:
-    """The peak resident set size since start or the last :func:`reset_peak_rss`."""
-    hwm = _status_kib("VmHWM")
+def peak_rss_bytes(pid: int | None = None) -> int:
+    """The peak resident set size since start or the last :func:`reset_peak_rss` (of process ``pid``: its
+    ``VmHWM``, else its current RSS)."""
+    hwm = _status_kib("VmHWM", pid)
     if hwm is not None:
         return hwm * 1024
+    if pid is not None:
+        import psutil
+
+        return int(psutil.Process(pid).memory_info().rss)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB on Linux
 
@@ -45,9 +50,10 @@ def current_rss_bytes() -> int:
     return int(psutil.Process().memory_info().rss)
 
 
-def _status_kib(key: str) -> int | None:
+def _status_kib(key: str, pid: int | None = None) -> int | None:
+    status = _STATUS if pid is None else Path(f"/proc/{pid}/status")
     try:
-        m = re.search(rf"^{key}:\s+(\d+) kB", _STATUS.read_text(), re.MULTILINE)
+        m = re.search(rf"^{key}:\s+(\d+) kB", status.read_text(), re.MULTILINE)
     except OSError:
         return None
     return int(m.group(1)) if m else None

@@ -73,3 +73,12 @@ def require_native_join() -> str:
     pytest.skip("lorafleet-native is built without join: it needs libcurl, OpenSSL and protobuf development "
                 "files and protoc (apt-get install libcurl4-openssl-dev libssl-dev libprotobuf-dev "
                 "protobuf-compiler)")
+
+
+def example_batches(pkg, steps: int, seed: int) -> list:
+    """``steps`` batches of :data:`EXAMPLES` in ``pkg``'s compiled shape, as ``train_local`` draws them."""
+    from lorafleet.edge_client.data import batches, encode_all
+    from lorafleet.edge_client.tokenizer import load_tokenizer
+
+    m = pkg.manifest
+    return list(batches(encode_all(load_tokenizer(m.model.spec), EXAMPLES, m.seq_len), m.batch_size, steps, seed))

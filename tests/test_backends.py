@@ -6,11 +6,9 @@ import math
 import numpy as np
 import pytest
 import torch
-from client_helpers import EXAMPLES, nonzero_adapter, require_native
+from client_helpers import example_batches, nonzero_adapter, require_native
 
 from lorafleet.edge_client.backends import BACKENDS, AdamW, OptimizerConfig, make_backend
-from lorafleet.edge_client.data import batches, encode_all
-from lorafleet.edge_client.tokenizer import load_tokenizer
 from lorafleet.export.formats.adapter import rescale
 from lorafleet.export.formats.errors import AdapterError, ConfigError
 from lorafleet.export.formats.package import open_package
@@ -53,8 +51,7 @@ def pkg(tiny_package):
 
 @pytest.fixture(scope="module")
 def tiny_batches(pkg):
-    enc = encode_all(load_tokenizer(pkg.manifest.model.spec), EXAMPLES, pkg.manifest.seq_len)
-    return list(batches(enc, pkg.manifest.batch_size, STEPS, seed=1))
+    return example_batches(pkg, STEPS, seed=1)
 
 
 def _make(name, pkg, rank, optimizer):

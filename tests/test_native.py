@@ -12,12 +12,10 @@ import subprocess
 import numpy as np
 import pytest
 import torch
-from client_helpers import EXAMPLES, nonzero_adapter, require_native, require_native_join
+from client_helpers import example_batches, nonzero_adapter, require_native, require_native_join
 
 from lorafleet.edge_client.backends import OptimizerConfig, make_backend
 from lorafleet.edge_client.backends.native_backend import write_batches
-from lorafleet.edge_client.data import batches, encode_all
-from lorafleet.edge_client.tokenizer import load_tokenizer
 from lorafleet.export.formats.adapter import read_adapter, write_adapter
 from lorafleet.export.formats.package import open_package
 
@@ -36,8 +34,7 @@ def pkg(tiny_package):
 
 @pytest.fixture(scope="module")
 def tiny_batches(pkg):
-    enc = encode_all(load_tokenizer(pkg.manifest.model.spec), EXAMPLES, pkg.manifest.seq_len)
-    return list(batches(enc, pkg.manifest.batch_size, STEPS, seed=2))
+    return example_batches(pkg, STEPS, seed=2)
 
 
 def _run(tool, *args, check=True):

@@ -148,18 +148,9 @@ class NativeBackend:
     def peak_rss_bytes(self) -> int:
         """The tool process's peak resident memory (``VmHWM``): the device side's whole footprint — runtime,
         program, planned memory and the foundation pages it touched — with no interpreter in it."""
-        import re
+        from lorafleet.edge_client.memory import peak_rss_bytes
 
-        try:
-            status = Path(f"/proc/{self._proc.pid}/status").read_text()
-            m = re.search(r"^VmHWM:\s+(\d+) kB", status, re.MULTILINE)
-            if m:
-                return int(m.group(1)) * 1024
-        except OSError:
-            pass
-        import psutil
-
-        return int(psutil.Process(self._proc.pid).memory_info().rss)
+        return peak_rss_bytes(self._proc.pid)
 
     def cpu_seconds(self) -> float:
         """CPU time the tool process has used (user + system)."""

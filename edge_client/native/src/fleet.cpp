@@ -814,14 +814,7 @@ void npy_decode(const std::string& npy, std::vector<int64_t>* shape, std::vector
       std::memcpy(&d, &bits, 8);
       f = static_cast<float>(d);
     } else {
-      const uint16_t h16 = static_cast<uint16_t>(p[2 * i] | p[2 * i + 1] << 8);
-      const uint32_t sign = (h16 & 0x8000u) << 16, exp = (h16 >> 10) & 0x1fu, man = h16 & 0x3ffu;
-      if (exp == 0) {
-        f = std::ldexp(static_cast<float>(man), -24) * (sign ? -1.f : 1.f);
-      } else {
-        uint32_t bits = exp == 31 ? (sign | 0x7f800000u | (man << 13)) : (sign | ((exp + 112) << 23) | (man << 13));
-        std::memcpy(&f, &bits, 4);
-      }
+      f = half_to_float(static_cast<uint16_t>(p[2 * i] | p[2 * i + 1] << 8));
     }
     if (!std::isfinite(f)) throw std::runtime_error("an array holds a non-finite value");
     (*data)[i] = f;

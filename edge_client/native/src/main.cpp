@@ -105,12 +105,18 @@ struct Args {
   }
 };
 
+// A size line of /proc/self/status in bytes (Linux), or 0.
+uint64_t status_bytes(const std::string& key) {
+  std::ifstream status("/proc/self/status");
+  for (std::string line; std::getline(status, line);)
+    if (line.rfind(key + ":", 0) == 0) return std::stoull(line.substr(key.size() + 1)) * 1024;
+  return 0;
+}
+
 // This process's peak resident memory: VmHWM (Linux; it starts afresh at exec, unlike getrusage's ru_maxrss,
 // which keeps the forking parent's), else ru_maxrss.
 uint64_t peak_rss_bytes() {
-  std::ifstream status("/proc/self/status");
-  for (std::string line; std::getline(status, line);)
-    if (line.rfind("VmHWM:", 0) == 0) return std::stoull(line.substr(6)) * 1024;
+  if (const uint64_t hwm = status_bytes("VmHWM")) return hwm;
   struct rusage usage {};
   getrusage(RUSAGE_SELF, &usage);
 #ifdef __APPLE__
@@ -211,7 +217,12 @@ int infer(int argc, char** argv) {
 int info(int argc, char** argv) {
   Args a(argc, argv, {"package", "rank"});
   Trainer trainer(Paths::training(a.str("package"), static_cast<int>(a.integer("rank", 1))), AdamWConfig{});
-  std::cout << describe(trainer).dump() << "\n";
+  json out = describe(trainer);
+  // resident memory once the program is loaded (and has run once): anonymous (allocated, or repacked by a
+  // delegate) against file-backed (the mapped foundation's pages)
+  out["rss_anon_bytes"] = status_bytes("RssAnon");
+  out["rss_file_bytes"] = status_bytes("RssFile");
+  std::cout << out.dump() << "\n";
   return 0;
 }
 

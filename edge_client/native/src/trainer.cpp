@@ -324,10 +324,10 @@ std::vector<FloatTensor> factors_in_order(const Adapter& adapter, const Compiled
   return out;
 }
 
-std::string output_config(const Adapter* base, const CompiledLora& lora) {
+std::string output_config(const std::string& base_config, const CompiledLora& lora) {
   json cfg = json::object();
-  if (base) {
-    json b = json::parse(base->config_json, nullptr, false);
+  if (!base_config.empty()) {
+    json b = json::parse(base_config, nullptr, false);
     if (b.is_object()) cfg = b;
   }
   cfg["peft_type"] = cfg.value("peft_type", std::string("LORA"));
@@ -438,7 +438,7 @@ struct Trainer::Impl {
   std::vector<size_t> slot;                      // lora.names[i] -> index in `order`
   std::vector<std::vector<float>> m, v;
   int64_t t = 0;
-  Adapter base;
+  std::string base_config;  // the loaded adapter's adapter_config.json: the written one keeps its other fields
 
   int64_t vocab = 0;
 
@@ -554,7 +554,7 @@ void Trainer::load_adapter(const Adapter& adapter, bool reset) {
   auto factors = factors_in_order(adapter, s.lora, s.shapes);
   for (size_t i = 0; i < factors.size(); ++i)
     std::memcpy(s.params[s.slot[i]], factors[i].data.data(), factors[i].data.size() * sizeof(float));
-  s.base = adapter;
+  s.base_config = adapter.config_json;
   if (reset) reset_optimizer();
 }
 
@@ -568,7 +568,7 @@ Adapter Trainer::adapter() const {
     t.data.assign(p, p + t.numel());
     a.tensors.emplace(peft_key(s.lora.names[i]), std::move(t));
   }
-  a.config_json = output_config(s.base.config_json.empty() ? nullptr : &s.base, s.lora);
+  a.config_json = output_config(s.base_config, s.lora);
   return a;
 }
 

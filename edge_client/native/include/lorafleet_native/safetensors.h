@@ -23,6 +23,9 @@ using TensorMap = std::map<std::string, FloatTensor>;
 constexpr uint64_t kMaxHeaderBytes = 16ull << 20;
 constexpr uint64_t kMaxFileBytes = 8ull << 30;
 
+// IEEE half precision to float (exact: every half is a float). Also used for float16 NumPy arrays.
+float half_to_float(uint16_t h);
+
 // Reads F32, F16 and BF16 tensors as float32; throws std::runtime_error with a one-line reason otherwise.
 TensorMap read_safetensors(const std::string& path, std::map<std::string, std::string>* metadata = nullptr);
 
