@@ -17,15 +17,21 @@ if TYPE_CHECKING:
 __all__ = ["BACKENDS", "AdamW", "OptimizerConfig", "TrainingBackend", "make_backend"]
 
 
-def make_backend(name: str, package: Package, rank: int, optimizer: OptimizerConfig) -> TrainingBackend:
-    """Build backend ``name`` for ``rank`` of ``package``, starting from the package's initial adapter."""
+def make_backend(name: str, package: Package, rank: int, optimizer: OptimizerConfig, *,
+                 device: str = "cpu") -> TrainingBackend:
+    """Build backend ``name`` for ``rank`` of ``package``, starting from the package's initial adapter.
+    ``device`` (``cpu``, ``cuda``, ``cuda:N``) is where the torch backend computes; the package's programs
+    run on the CPU runtimes they were compiled for."""
     if name not in BACKENDS:
         raise ConfigError(f"unknown backend {name!r} (known: {', '.join(BACKENDS)})")
+    if name != "torch" and str(device).strip().lower() != "cpu":
+        raise ConfigError(f"device {device!r}: only the torch backend runs on a GPU; {name} runs the package's "
+                          "CPU programs")
     package.manifest.rank(rank)  # PackageError naming the ranks it has
     if name == "torch":
         from lorafleet.edge_client.backends.torch_backend import TorchBackend
 
-        return TorchBackend.from_package(package, rank, optimizer)
+        return TorchBackend.from_package(package, rank, optimizer, device=device)
     if name == "onnxruntime":
         from lorafleet.edge_client.backends.onnx_backend import OnnxBackend
 

@@ -84,11 +84,11 @@ def lora_modules(peft_model: Any) -> dict[str, Any]:
 
 
 def read_lora(peft_model: Any, spec: LoraSpec, *, base_model: str | None = None) -> Adapter:
-    """The PEFT model's current LoRA weights as an :class:`Adapter` (tensors copied)."""
+    """The PEFT model's current LoRA weights as an :class:`Adapter` (tensors copied to the CPU)."""
     mods = {}
     for name, mod in lora_modules(peft_model).items():
-        a = mod.lora_A["default"].weight.detach().clone()  # (r, in)
-        b = mod.lora_B["default"].weight.detach().clone()  # (out, r)
+        a = mod.lora_A["default"].weight.detach().to("cpu", copy=True)  # (r, in)
+        b = mod.lora_B["default"].weight.detach().to("cpu", copy=True)  # (out, r)
         mods[name] = LoraPair(a, b, spec.scaling)
     cfg = peft_config(list(spec.target_modules), spec.r, spec.lora_alpha, use_rslora=spec.use_rslora,
                       base_model=base_model)

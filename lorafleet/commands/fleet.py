@@ -2,7 +2,8 @@
 
     lorafleet fleet --devices N [--profiles DIR] [--mix name=weight,...] [--fraction F] --rounds R
         --model SPEC --method M [--data builtin|FILE.jsonl] [--local-steps S] [--round-deadline SECONDS]
-        [--ranks 4,8,16] [--rank-distribution D] [--emulation flops|measured] [--resume] --seed S --out DIR
+        [--ranks 4,8,16] [--rank-distribution D] [--emulation flops|measured] [--resume]
+        [--gpus-per-device F] [--ray-address HOST:PORT] --seed S --out DIR
     lorafleet fleet --config fleet.toml [any option above, overriding the file's key] --out DIR
         [--expect 'METRIC OP NUMBER' ...] [--baseline DIR] [--print-config]
 
@@ -101,6 +102,14 @@ def fleet(
     emulation: Annotated[str | None, typer.Option(
         "--emulation", click_type=OneOf(_emulations),
         help="Device step times from FLOPs (default) or measured on this host.")] = None,
+    gpus_per_device: Annotated[Any, typer.Option(
+        "--gpus-per-device", metavar="F", click_type=NUMBER,
+        help="GPU share of each simulation worker, e.g. 0.25 (default 0: CPU); the torch backend then trains "
+             "on CUDA.")] = None,
+    ray_address: Annotated[str | None, typer.Option(
+        "--ray-address", metavar="HOST:PORT",
+        help="Run the simulation on this running Ray cluster (or 'auto') instead of a local Ray instance.")]
+    = None,
     expect: Annotated[list[str] | None, typer.Option(
         "--expect", metavar="'METRIC OP VALUE'",
         help="An expectation, e.g. 'heldout/rouge_l >= 0.2' or 'heldout/rouge_l >= baseline - 0.02' "
@@ -126,7 +135,8 @@ def fleet(
                  "profiles_dir": profiles, "mix": parse_mix(mix) if mix is not None else None,
                  "fraction": fraction, "data": data, "local_steps": local_steps, "round_deadline": round_deadline,
                  "ranks": ranks, "rank_distribution": rank_distribution, "emulation": emulation,
-                 "resume": True if resume else None}
+                 "resume": True if resume else None, "gpus_per_device": gpus_per_device,
+                 "ray_address": ray_address}
     settings = fleetfile.merge(file, overrides)
     baseline_dir = baseline if baseline is not None else (file.baseline if file is not None else None)
     texts = [(f"{config}: expect", e) for e in (file.expect if file is not None else [])]

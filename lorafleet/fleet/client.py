@@ -45,6 +45,7 @@ class ClientPlan:
     ranks: tuple[int, ...]  # per device; 0 = no packaged rank fits it
     backend: str
     threads: int = 1  # intra-op threads of a worker (the host was profiled with as many)
+    device: str = "cpu"  # where the torch backend trains: "cuda" in a worker given a GPU share
 
     def data_path(self, device: int) -> Path:
         return device_data_path(self.data_dir, device)
@@ -81,14 +82,14 @@ def handle_train(message: Message, plan: ClientPlan, device: int) -> Message:
 
     _set_threads(plan.threads)
     pkg = _package(plan.package)
-    return train_reply(message, pkg, lambda rank, lr: _backend(plan.backend, pkg, rank, lr), plan.data_path(device),
-                       seconds="steps")
+    return train_reply(message, pkg, lambda rank, lr: _backend(plan.backend, pkg, rank, lr, plan.device),
+                       plan.data_path(device), seconds="steps")
 
 
 # --- per worker process ---------------------------------------------------------------------------------
 
 _PACKAGES: dict[str, Package] = {}
-_TORCH: dict[tuple[str, int, float], TrainingBackend] = {}
+_TORCH: dict[tuple[str, int, float, str], TrainingBackend] = {}
 
 
 def _package(path: str) -> Package:
@@ -99,16 +100,17 @@ def _package(path: str) -> Package:
     return _PACKAGES[path]
 
 
-def _backend(name: str, pkg: Package, rank: int, lr: float) -> str | TrainingBackend:
-    """ONNX Runtime by name (a new round reopens its session anyway); torch built once per rank and kept."""
+def _backend(name: str, pkg: Package, rank: int, lr: float, device: str = "cpu") -> str | TrainingBackend:
+    """ONNX Runtime by name (a new round reopens its session anyway); torch built once per rank and kept (on
+    ``device``: Ray points a worker given a GPU share at its GPU through CUDA_VISIBLE_DEVICES)."""
     if name != "torch":
         return name
-    key = (str(pkg.path), rank, lr)
+    key = (str(pkg.path), rank, lr, device)
     if key not in _TORCH:
         from lorafleet.edge_client.backends import OptimizerConfig, make_backend
 
         _TORCH.clear()  # one base model per worker process at a time
-        _TORCH[key] = make_backend("torch", pkg, rank, OptimizerConfig(lr=lr))
+        _TORCH[key] = make_backend("torch", pkg, rank, OptimizerConfig(lr=lr), device=device)
     return _TORCH[key]
 
 

@@ -67,6 +67,8 @@ class FleetConfig:
     rank_distribution: str = "profiler"
     emulation: str = "flops"
     resume: bool = False  # continue the run in ``out`` from its last completed round (DIR/state/)
+    gpus_per_device: float = 0.0  # a simulation worker's GPU share (Ray num_gpus); > 0: torch trains on CUDA
+    ray_address: str | None = None  # join this running Ray cluster ("HOST:PORT", "auto") instead of starting one
     # --- library-only settings ---
     target_modules: tuple[str, ...] = ()  # (): the model family's (q_proj, v_proj; Phi-3: qkv_proj)
     lora_alpha: float = 16.0
@@ -125,6 +127,17 @@ class FleetConfig:
                               f"got {self.rank_distribution!r}")
         if self.emulation not in EMULATIONS:
             raise ConfigError(f"emulation must be one of {', '.join(EMULATIONS)}, got {self.emulation!r}")
+        if isinstance(self.gpus_per_device, bool) or not isinstance(self.gpus_per_device, int | float) or \
+                not (0 <= self.gpus_per_device <= 1):
+            raise ConfigError(f"gpus_per_device must be a GPU share in [0, 1] (0: train on the CPU), "
+                              f"got {self.gpus_per_device!r}")
+        if self.gpus_per_device > 0 and self.backend != "torch":
+            raise ConfigError(f"gpus_per_device needs the torch backend (the {self.backend} programs run on the "
+                              "CPU), got backend {self.backend!r}")
+        if self.ray_address is not None and (not isinstance(self.ray_address, str) or not self.ray_address.strip()
+                                             or any(c.isspace() for c in self.ray_address)):
+            raise ConfigError(f"ray_address must be a Ray cluster address (HOST:PORT, ray://HOST:PORT or auto), "
+                              f"got {self.ray_address!r}")
         if self.fedavg_rank not in FEDAVG_RANKS:
             raise ConfigError(f"fedavg_rank must be one of {', '.join(FEDAVG_RANKS)}, got {self.fedavg_rank!r}")
         self.check_inputs()

@@ -75,6 +75,7 @@ def run_fleet(cfg: FleetConfig, *, progress: FleetProgress | None = None, host: 
     previous = _resumable(cfg) if cfg.resume else None
     if previous is None:
         _check_out(cfg.out)
+    local_gpus(cfg)  # no GPU for the shares asked for: say so before anything is exported
     profiles = load_mix(cfg.profiles_dir, cfg.mix)
     prep = prepare(cfg, progress, host)
     plan = plan_fleet(prep.host, profiles, cfg.mix, cfg.devices, prep.budgets, cfg.seed, pkg=prep.package,
@@ -165,6 +166,38 @@ def fleet_budgets(cfg: FleetConfig) -> Budgets:
                    steps_per_round=cfg.local_steps)
 
 
+def simulation_backend_config(cfg: FleetConfig, workers: int, gpus: int) -> dict[str, Any]:
+    """Flower's Ray backend settings: every virtual device's worker takes one CPU and ``cfg.gpus_per_device``
+    of a GPU. Without ``cfg.ray_address`` a local Ray instance is started with ``workers`` CPUs and ``gpus``
+    GPUs; with it the run joins that cluster, whose nodes' resources decide how many workers run (Ray refuses
+    CPU/GPU/memory settings when joining; the cluster's nodes need lorafleet importable at the driver's paths)."""
+    quiet = {"include_dashboard": False, "logging_level": "ERROR", "log_to_driver": False}
+    init: dict[str, Any] = {"address": cfg.ray_address, **quiet} if cfg.ray_address is not None else \
+        {"num_cpus": workers, "num_gpus": gpus, **quiet, "object_store_memory": 512 * 2**20}
+    return {"client_resources": {"num_cpus": 1, "num_gpus": float(cfg.gpus_per_device)}, "init_args": init}
+
+
+def local_gpus(cfg: FleetConfig) -> int:
+    """The GPUs a locally started Ray instance offers: every CUDA device torch sees when the fleet's workers
+    are given GPU shares (a one-line error when there is none), else 0."""
+    if cfg.gpus_per_device == 0 or cfg.ray_address is not None:
+        return 0
+    count = _cuda_count()
+    if count == 0:
+        import torch
+
+        raise ConfigError(f"gpus_per_device {cfg.gpus_per_device:g}: torch sees no CUDA device on this machine "
+                          f"(torch {torch.__version__}); train on the CPU (0) or give --ray-address of a "
+                          "cluster with GPUs")
+    return count
+
+
+def _cuda_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def worker_layout(workers: int) -> tuple[int, int]:
     """``(simulation workers, threads each)``: by default one single-threaded worker per usable CPU."""
     from lorafleet.edge_client.device import cpu_count
@@ -190,7 +223,7 @@ def _resumable(cfg: FleetConfig) -> FleetReport:
 def _check_same_fleet(previous: FleetReport, now: FleetReport) -> None:
     """A resumed run must be the run it continues: the same settings, the same devices and ranks."""
     for key, value in now.config.items():
-        if key in ("simulation_workers", "threads_per_worker"):
+        if key in ("simulation_workers", "threads_per_worker", "gpus_per_device", "ray_address"):  # where, not what
             continue
         if previous.config.get(key) != value:
             raise ConfigError(f"--resume: {key} is {value!r}, the run being resumed had "
@@ -254,6 +287,8 @@ def _simulate(cfg: FleetConfig, prep: Prepared, plan: FleetPlan, report: FleetRe
     if evaluator is None:
         progress.stage(f"loading {cfg.model} for evaluation")
         evaluator = make_evaluator(cfg, prep.data, pkg.manifest.seq_len)
+        if cfg.gpus_per_device > 0 and _cuda_count() > 0:  # the workers train on GPUs: so does the evaluation
+            evaluator.loaded.model.to("cuda")
     server_config = ServerConfig(package=str(pkg.path), method=cfg.method, rounds=cfg.rounds, min_clients=1,
                                  min_valid=1, fraction=1.0, round_timeout=ROUND_TIMEOUT, seed=cfg.seed,
                                  local_steps=cfg.local_steps, lr=cfg.lr, state_dir=str(cfg.out / STATE_DIR),
@@ -262,12 +297,10 @@ def _simulate(cfg: FleetConfig, prep: Prepared, plan: FleetPlan, report: FleetRe
     emulation = Emulation(plan.devices, cfg.fraction, cfg.round_deadline, cfg.seed, adapter_bytes, cfg.fedavg_rank)
     server = FleetServer(server_config, emulation, evaluator, report, cfg.out, progress, cfg.eval_every)
     client = ClientPlan(str(pkg.path), str(cfg.out / DATA_DIR), tuple(d.rank or 0 for d in plan.devices),
-                        cfg.backend, prep.threads)
-    backend_config: Any = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                           "init_args": {"num_cpus": prep.workers, "num_gpus": 0, "include_dashboard": False,
-                                         "logging_level": "ERROR", "log_to_driver": False,
-                                         "object_store_memory": 512 * 2**20}}
-    progress.stage("starting the simulation engine")
+                        cfg.backend, prep.threads, "cuda" if cfg.gpus_per_device > 0 else "cpu")
+    backend_config = simulation_backend_config(cfg, prep.workers, local_gpus(cfg))
+    progress.stage("starting the simulation engine" if cfg.ray_address is None
+                   else f"joining the Ray cluster at {cfg.ray_address}")
     with _quiet_flower(), _worker_env(prep.threads):
         run_simulation(make_fleet_server_app(server), make_fleet_client_app(client), num_supernodes=cfg.devices,
                        backend_config=backend_config)
