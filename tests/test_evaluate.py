@@ -96,6 +96,13 @@ def test_evaluate_caps_families_and_macro_averages(tiny):  # noqa: F811
     rouge = sum(rouge_l(a, ex.output) for a, ex in zip(answers, sets["add"], strict=False)) / 2
     assert result.families["add"].rouge_l == pytest.approx(rouge)
     assert math.isfinite(result.overall.loss) and result.overall.loss > 0
+    # each example's scores, in family order, add up to the families' figures
+    assert [e.family for e in result.examples] == ["add", "add", "parity", "parity"]
+    for fam, s in result.families.items():
+        mine = [e for e in result.examples if e.family == fam]
+        assert sum(e.rouge_l for e in mine) / len(mine) == pytest.approx(s.rouge_l)
+        assert sum(e.exact_match for e in mine) / len(mine) == pytest.approx(s.exact_match)
+        assert sum(e.nll for e in mine) / sum(e.tokens for e in mine) == pytest.approx(s.loss)
 
 
 def test_evaluate_splits_flattens_to_report_metrics(tiny):  # noqa: F811

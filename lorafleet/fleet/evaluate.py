@@ -55,11 +55,25 @@ class Scores:
 
 
 @dataclass(frozen=True)
+class ExampleScore:
+    """One evaluated example: its family, Rouge-L F and exact match of the greedy answer, and the summed NLL
+    (nats) of its ``tokens`` response tokens — what paired comparisons of two adapters resample."""
+
+    family: str
+    rouge_l: float
+    exact_match: bool
+    nll: float
+    tokens: int
+
+
+@dataclass(frozen=True)
 class SplitResult:
-    """Scores of one split (e.g. held-out families): the macro average and each family's."""
+    """Scores of one split (e.g. held-out families): the macro average, each family's, and each example's
+    (in family order, then the examples' order)."""
 
     overall: Scores
     families: dict[str, Scores]
+    examples: tuple[ExampleScore, ...] = ()
 
 
 def normalize(text: str) -> str:
@@ -117,7 +131,10 @@ def evaluate(model: Any, tokenizer: Any, examples: Mapping[str, Sequence[Example
         stop = start + len(exs)
         families[fam] = _scores(exs, predictions[start:stop], nll[start:stop], tokens[start:stop])
         start = stop
-    return SplitResult(_macro(families), families)
+    fams = [fam for fam, exs in picked.items() for _ in exs]
+    scored = tuple(ExampleScore(fam, rouge_l(p, ex.output), exact_match(p, ex.output), float(n), int(t))
+                   for fam, ex, p, n, t in zip(fams, flat, predictions, nll, tokens, strict=True))
+    return SplitResult(_macro(families), families, scored)
 
 
 def evaluate_splits(model: Any, tokenizer: Any, splits: Mapping[str, Mapping[str, Sequence[Example]]], *,

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from flwr.serverapp import Grid, ServerApp
 
     from lorafleet.export.formats.adapter import Adapter
-    from lorafleet.fleet.evaluate import EvalConfig
+    from lorafleet.fleet.evaluate import EvalConfig, SplitResult
     from lorafleet.fleet.strategy import Emulation, FleetStrategy, RoundOutcome
     from lorafleet.server.server_app import ServerConfig
 
@@ -50,18 +50,20 @@ class Evaluator:
 
         self.loaded = load_model(model_spec)
         self.splits, self.config = splits, config
-        self._baseline: dict[str, float] | None = None  # the untrained model's scores, kept for later runs
+        self._baseline: dict[str, SplitResult] | None = None  # the untrained model's, kept for later runs
+        self.last: dict[str, SplitResult] = {}  # the latest call's results, each example's scores included
 
     def __call__(self, adapter: Adapter | None) -> dict[str, float]:
         from lorafleet.fleet.evaluate import evaluate_splits, flat_metrics
 
         if adapter is None and self._baseline is not None:
-            return dict(self._baseline)
-        metrics = flat_metrics(evaluate_splits(self.loaded.model, self.loaded.tokenizer, self.splits,
-                                               adapter=adapter, config=self.config))
-        if adapter is None:
-            self._baseline = dict(metrics)
-        return metrics
+            self.last = self._baseline
+        else:
+            self.last = evaluate_splits(self.loaded.model, self.loaded.tokenizer, self.splits, adapter=adapter,
+                                        config=self.config)
+            if adapter is None:
+                self._baseline = self.last
+        return flat_metrics(self.last)
 
 
 def evaluated(rnd: int, rounds: int, every: int) -> bool:
