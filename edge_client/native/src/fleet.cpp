@@ -53,6 +53,7 @@ constexpr size_t kMaxObjectBytes = 512ull << 20;     // one pulled object (a chu
 constexpr size_t kMaxMessageBytes = 4ull << 30;      // all objects of one received message
 constexpr size_t kMaxResponseBytes = 600ull << 20;   // one HTTP response body
 constexpr int kErrorClientAppRaised = 2;             // Flower's ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+constexpr double kFinishGraceSeconds = 60.0;         // lorafleet.federation.node_log.FINISH_GRACE
 
 std::atomic<bool> g_stop{false};
 extern "C" void on_signal(int) { g_stop = true; }
@@ -623,6 +624,7 @@ class Node {
       }
       if (r.message_object_trees_size() != 1) throw std::runtime_error("pull-messages: no object tree");
       bool last = false;
+      const uint64_t run_id = r.messages_list(0).metadata().run_id();
       try {
         serve_one(r.messages_list(0), r.message_object_trees(0), &last);
       } catch (const HttpError& e) {
@@ -632,10 +634,34 @@ class Node {
         say(std::string("message dropped: ") + e.what());
       }
       if (last && c_.exit_on_finish) {
-        say("the run's last round is trained: leaving");
+        say("the run's last round is trained: waiting for the run to end");
+        say(wait_for_run_end(run_id) ? "the run is over: leaving" : "the run has not ended in time: leaving");
         return;
       }
     }
+  }
+
+  // The last reply is pushed, but the ServerApp may not have pulled it yet, and the SuperLink answers a reply
+  // whose node has deactivated with "Node Unavailable". So the node stays (heartbeating) while the run is
+  // running: Fleet.GetRun answers a run until it is finished, then an error (Flower refuses GetRun for a
+  // finished run), and a SuperLink that has shut down does not answer at all. At most kFinishGraceSeconds, as
+  // `lorafleet client --exit-on-finish` waits. True when the run ended within that time.
+  bool wait_for_run_end(uint64_t run_id) {
+    const double until = unix_now() + kFinishGraceSeconds;
+    while (!g_stop && unix_now() < until) {
+      try {
+        fp::GetRunRequest req;
+        *req.mutable_node() = node_;
+        req.set_run_id(run_id);
+        const auto r = api_.call<fp::GetRunResponse>("get-run", req, 10);
+        if (r.run().has_status() && r.run().status().status() == "finished") return true;
+      } catch (const std::exception&) {  // finished (refused) or the SuperLink is gone: the run is over
+        return true;
+      }
+      for (int i = 0; i < std::max(1, static_cast<int>(c_.poll_seconds * 10)) && !g_stop; ++i)
+        std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+    return false;
   }
 
   void serve_one(const fp::Message& msg, const fp::ObjectTree& tree, bool* last) {
