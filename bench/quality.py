@@ -162,7 +162,7 @@ def run_all(args: argparse.Namespace, cfg: dict[str, Any], work: Path,
 
 
 def differences(examples: dict[tuple[str, str, int], Any], seeds: list[int]) -> list[dict[str, Any]]:
-    """Every method's difference from :data:`REFERENCE` per distribution and compared metric, pooled over the
+    """Every method's difference from :data:`REFERENCE` per distribution and compared metric, pooled over those
     of ``seeds`` both runs have (all of them once the benchmark is complete), with its 95 % paired bootstrap
     interval."""
     from lorafleet.fleet.compare import paired_difference
