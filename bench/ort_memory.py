@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/ort_memory.py PKG RANK VARIANT [--json docs/bench/ort-memory.jsonl]
 
-VARIANT: ``base`` (lorafleet's options: constant folding off), ``arena`` (also the CPU memory arena off),
+VARIANT: ``base`` (lorafleet's session options: constant folding and the QDQ transformers off), ``arena`` (also the CPU memory arena off),
 ``PRIORITY_BASED`` / ``MEMORY_EFFICIENT`` (also that execution order), ``cse`` (common-subexpression
 elimination off as well), ``none`` (every graph optimization off). The step is measured as
 ``bench/quantize.py``'s ``step_child`` measures it (one process per variant: run each in a fresh one).
@@ -20,15 +20,16 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def options(variant: str) -> Any:
+def options(variant: str, lorafleet_options: Any) -> Any:
     import onnxruntime as ort
 
-    o = ort.SessionOptions()
+    o = lorafleet_options()  # lorafleet's options, then the variant's
     if variant == "none":
         o.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         return o
-    disabled = "ConstantFolding,CommonSubexpressionElimination" if variant == "cse" else "ConstantFolding"
-    o.add_session_config_entry("optimization.disable_specified_optimizers", disabled)
+    if variant == "cse":
+        o.add_session_config_entry("optimization.disable_specified_optimizers",
+                                   "ConstantFolding,CommonSubexpressionElimination")
     if variant in ("PRIORITY_BASED", "MEMORY_EFFICIENT"):
         o.execution_order = getattr(ort.ExecutionOrder, variant)
     elif variant == "arena":
@@ -47,7 +48,8 @@ def main() -> None:
 
     import lorafleet.export.runtime.onnx as runtime
 
-    runtime.session_options = lambda: options(args.variant)  # what every OnnxTrainer session is built with
+    own = runtime.session_options
+    runtime.session_options = lambda: options(args.variant, own)  # what every OnnxTrainer session is built with
     row = {"date": time.strftime("%Y-%m-%d %H:%M"), "package": args.package, "rank": args.rank,
            "variant": args.variant, **quantize.step_child(args.package, args.rank, "onnx")}
     with open(args.json, "a") as f:

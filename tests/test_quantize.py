@@ -181,7 +181,9 @@ def int4_package(tmp_path_factory):
     from lorafleet.export.compiler.pipeline import ExportConfig, run_export
 
     out = tmp_path_factory.mktemp("q") / "pkg"
-    run_export(ExportConfig(model="random:tiny", ranks=(4,), seq_len=8, out=out, quantize="int4:16", **SPEC))
+    with pytest.MonkeyPatch.context() as mp:  # the tiny head (272 rows) in chunks, as a 1B model's is
+        mp.setattr("lorafleet.export.compiler.quantize.HEAD_CHUNK_ROWS", 64)
+        run_export(ExportConfig(model="random:tiny", ranks=(4,), seq_len=8, out=out, quantize="int4:16", **SPEC))
     return out
 
 
@@ -216,6 +218,19 @@ def test_onnx_artifacts_keep_the_integer_weights_and_a_lora_only_checkpoint(int4
     # fed by that activation's Shape) instead of running whenever ORT likes, e.g. all of them up front
     readers = {n.op_type for n in model.graph.node for i in n.input if i in {t.name for t in ints}}
     assert readers <= {"Reshape", "Shape", "Gather"} and "Reshape" in readers
+    # each dequantization is one blocked DequantizeLinear of nibbles split in uint8 (no fp32 intermediates), for
+    # every product of the forward and the backward: 14 linears and 5 head chunks forward, fewer backward
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("DequantizeLinear") > 14 + 5
+    assert ops.count("Floor") == 1  # the embedding's lookup alone (the rows it reads) stays element-wise
+    # the head's chunks are sliced one by one from the stored bytes (ORT's builder had fused them into a Split,
+    # which copies every chunk at once, and once more in each backward copy)
+    producer = {o: n for n in model.graph.node for o in n.output}
+    tied = {o for n in model.graph.node if n.op_type == "Reshape" and n.input[0] in {t.name for t in ints}
+            for o in n.output}
+    assert not [n.name for n in model.graph.node if n.op_type == "Split" and n.input[0] in tied]
+    sliced = [n for n in model.graph.node if n.op_type == "Slice" and n.input[0] in tied]
+    assert len(sliced) >= 2 * 5 and all(producer[n.input[0]].op_type == "Reshape" for n in sliced)
     from onnxruntime.training.api import CheckpointState
 
     state = CheckpointState.load_checkpoint(str(rank_dir / "checkpoint"))

@@ -28,11 +28,14 @@ ADAMW = {"betas": (0.9, 0.999), "eps": 1e-6, "weight_decay": 0.0}  # onnxblock.o
 def session_options() -> Any:
     """ORT session options of every lorafleet session: constant folding off, so a quantized base's
     dequantization runs in each step (from the stored bytes) instead of being folded into fp32 weights held in
-    memory at load; an fp32 package has nothing it would fold (its weights are stored pre-transposed)."""
+    memory at load; an fp32 package has nothing it would fold (its weights are stored pre-transposed). The
+    QDQ transformers off too: a quantized base dequantizes with blocked ``DequantizeLinear`` nodes, which
+    they would move past the weight's transpose (adding a ``QuantizeLinear`` whose blocks no longer fit)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.add_session_config_entry("optimization.disable_specified_optimizers", "ConstantFolding")
+    opts.add_session_config_entry("session.disable_quant_qdq", "1")
     return opts
 
 

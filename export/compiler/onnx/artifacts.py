@@ -167,7 +167,11 @@ def _finish_outputs(out_dir: Path, shared: SharedExternalData, local: str, props
     and record ``props`` in their metadata."""
     import onnx
 
-    from lorafleet.export.compiler.onnx.graph import rematerialize_constant_subgraphs
+    from lorafleet.export.compiler.onnx.graph import (
+        lean_dequantizations,
+        rematerialize_constant_subgraphs,
+        split_storage_to_slices,
+    )
 
     for name in ("training_model.onnx", "eval_model.onnx"):
         path = out_dir / name
@@ -177,6 +181,8 @@ def _finish_outputs(out_dir: Path, shared: SharedExternalData, local: str, props
             del model.graph.input[:]
             model.graph.input.extend(inputs)
             model.graph.initializer.extend(storage.values())
+            split_storage_to_slices(model, set(storage))
+            lean_dequantizations(model, set(storage))
             if name == "training_model.onnx":
                 frozen = {t.name for t in model.graph.initializer} - {i.name for i in model.graph.input}
                 ints = {t.name for t in model.graph.initializer if t.data_type in _INTEGER_WEIGHTS and len(t.dims) >= 2}

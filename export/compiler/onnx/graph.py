@@ -14,6 +14,16 @@ limit for 1B-class models).
   one only).
 * :class:`SharedExternalData` — move large initializers of many models into one external-data file,
   each distinct tensor stored once.
+
+A quantized base, on the ``onnx.ModelProto`` that ORT's artifact builder wrote
+(:mod:`lorafleet.export.compiler.onnx.artifacts`):
+
+* :func:`split_storage_to_slices` — a ``Split`` of stored bytes (the LM head's chunks) becomes a ``Slice`` per
+  chunk.
+* :func:`lean_dequantizations` — each dequantization becomes ``uint8`` nibble ops and one blocked
+  ``DequantizeLinear``, read by the product untransposed.
+* :func:`rematerialize_constant_subgraphs` — each dequantization recomputed just before each reader, and tied
+  to that reader's activation.
 """
 
 from __future__ import annotations
@@ -362,6 +372,240 @@ def quantized_storage(model: Any, skip: set[str]) -> set[str]:
         if ins and all(i.name in inits for i in ins):
             keep |= {i.name for i in ins if len(inits[i.name].const_value.shape) >= 2}
     return keep
+
+
+_DEQUANTIZE_OPS = {  # what the exporter writes for quantize.dequantize (a Concat becomes ConcatTraining in training)
+    "int4": {"Cast": 1, "Mul": 3, "Floor": 1, "Sub": 2, "Unsqueeze": 2, "Concat": 1, "Reshape": 3},
+    "int8": {"Cast": 1, "Mul": 1, "Reshape": 2},
+}
+_VIEWS = ("Reshape", "Slice", "Identity", "Unsqueeze")  # keep a stored tensor's element type and columns
+
+
+def lean_dequantizations(model: Any, storage: set[str]) -> int:
+    """Rewrite each dequantization of a stored weight (an ``onnx.ModelProto``) into ONNX's own
+    ``DequantizeLinear`` (blocked, opset 21); returns the number rewritten.
+
+    The exporter writes :func:`lorafleet.export.compiler.quantize.dequantize` element by element: for int4,
+    the packed bytes cast to fp32, nibbles split with ``Floor`` and ``Sub``, stacked, shifted by 8, then
+    scaled — six intermediates of the fp32 weight's size or half of it (≈ 4.5× the weight for one
+    dequantization), which ORT's memory plan keeps around. Here the nibbles are split in ``uint8``
+    (``BitwiseAnd``, ``BitShift``: an eighth of the fp32 size each) and one ``DequantizeLinear`` with the
+    stored scales (zero point 8, block = the group) writes the fp32 weight: ``(v − 8) · s``, the same
+    single rounding as the eager model, so the values are bit-identical. int8 is one ``DequantizeLinear``
+    (block = the row). A tree that does not have exactly the exporter's shape is left as it is.
+    """
+    from collections import Counter
+
+    from onnx import helper
+
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    nodes = list(graph.node)
+    producer = {o: n for n in nodes for o in n.output}
+    consumers: dict[str, list[Any]] = {}
+    for n in nodes:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    constants = {o for n in nodes if n.op_type == "Constant" for o in n.output} | set(inits)
+    stored: dict[str, str] = {}  # value -> the storage initializer it views (integers, and their fp32 scales)
+    for name in storage:
+        if name in inits and len(inits[name].dims) == 2:
+            stored[name] = name
+    for n in nodes:
+        if n.op_type in _VIEWS and n.input and n.input[0] in stored:
+            stored[n.output[0]] = stored[n.input[0]]
+        elif n.input and all(i in constants and i not in stored for i in n.input if i):
+            constants.update(n.output)  # shapes and scalars computed from constants (left shared, as leaves)
+
+    def kind(value: str) -> str | None:
+        t = inits.get(stored.get(value, ""))
+        return None if t is None else {2: "uint8", 3: "int8", 1: "float"}.get(t.data_type)
+
+    replace: dict[int, list[Any]] = {}  # id(final node) -> the nodes that replace its tree
+    removed: set[int] = set()
+    count = 0
+    for final in nodes:
+        if final.op_type != "Reshape" or final.input[0] not in producer:
+            continue
+        mul = producer[final.input[0]]
+        if mul.op_type != "Mul" or id(mul) in removed:
+            continue
+        tree: list[Any] = []
+        leaves: set[str] = set()
+        stack = [final.output[0]]
+        while stack:
+            v = stack.pop()
+            n = producer.get(v)
+            if v in stored or v in constants or n is None:
+                leaves.add(v)
+                continue
+            if all(t is not n for t in tree):
+                tree.append(n)
+                stack.extend(i for i in n.input if i)
+        ints = [v for v in leaves if kind(v) in ("uint8", "int8")]
+        scale_in = [v for v in mul.input if v in leaves and v not in ints]
+        if len(ints) != 1 or len(scale_in) != 1 or any(v not in constants for v in leaves - {ints[0], scale_in[0]}):
+            continue
+        x, s = ints[0], scale_in[0]
+        tag, out = f"{final.name or f'dequantize{count}'}_dq", final.output[0]
+        pre: list[Any] = []  # a view giving the scales as (rows, groups)
+        if s in producer and producer[s].op_type == "Unsqueeze" and kind(producer[s].input[0]) == "float":
+            s = producer[s].input[0]  # scale.unsqueeze(-1), shared with the backward's copies: left in place
+            groups = int(inits[stored[s]].dims[1])
+        elif s in inits and inits[s].data_type == 1 and len(inits[s].dims) == 3 and inits[s].dims[2] == 1:
+            groups = int(inits[s].dims[1])  # ORT's builder folded scale.unsqueeze(-1) into an initializer
+            pre = [helper.make_node("Constant", [], [f"{tag}_s2d"], name=f"{tag}_s2d_const",
+                                    value=helper.make_tensor(f"{tag}_s2d_value", 7, [2], list(inits[s].dims[:2]))),
+                   helper.make_node("Reshape", [s, f"{tag}_s2d"], [f"{tag}_scale"], name=f"{tag}_scale")]
+            s = f"{tag}_scale"
+        else:
+            continue
+        mode = "int4" if kind(x) == "uint8" else "int8"
+        ops = Counter("Concat" if t.op_type == "ConcatTraining" else t.op_type for t in tree)
+        casts = [t for t in tree if t.op_type == "Cast"]
+        members = {id(t) for t in tree}
+        if (ops != _DEQUANTIZE_OPS[mode] or casts[0].input[0] != x
+                or any(id(c) not in members for t in tree if t is not final for o in t.output
+                       for c in consumers.get(o, []))):
+            continue
+        width = int(inits[stored[x]].dims[1]) * (2 if mode == "int4" else 1)
+        if groups <= 0 or width % groups:
+            continue
+
+        def const(name: str, dtype: int, dims: list[int], vals: list[int], tag: str = tag) -> Any:
+            return helper.make_node("Constant", [], [f"{tag}_{name}"], name=f"{tag}_{name}_const",
+                                    value=helper.make_tensor(f"{tag}_{name}_value", dtype, dims, vals))
+
+        if mode == "int4":
+            lean = [const("15", 2, [], [15]), const("4", 2, [], [4]), const("8", 2, [], [8]),
+                    const("axis", 7, [1], [-1]), const("shape", 7, [2], [-1, width]),
+                    helper.make_node("BitwiseAnd", [x, f"{tag}_15"], [f"{tag}_lo"], name=f"{tag}_lo"),
+                    helper.make_node("BitShift", [x, f"{tag}_4"], [f"{tag}_hi"], name=f"{tag}_hi", direction="RIGHT"),
+                    helper.make_node("Unsqueeze", [f"{tag}_lo", f"{tag}_axis"], [f"{tag}_lo1"], name=f"{tag}_lo1"),
+                    helper.make_node("Unsqueeze", [f"{tag}_hi", f"{tag}_axis"], [f"{tag}_hi1"], name=f"{tag}_hi1"),
+                    helper.make_node("Concat", [f"{tag}_lo1", f"{tag}_hi1"], [f"{tag}_pairs"], name=f"{tag}_pairs",
+                                     axis=-1),
+                    helper.make_node("Reshape", [f"{tag}_pairs", f"{tag}_shape"], [f"{tag}_q"], name=f"{tag}_q"),
+                    helper.make_node("Shape", [s], [f"{tag}_groups"], name=f"{tag}_groups"),
+                    helper.make_node("Expand", [f"{tag}_8", f"{tag}_groups"], [f"{tag}_zero"], name=f"{tag}_zero"),
+                    helper.make_node("DequantizeLinear", [f"{tag}_q", s, f"{tag}_zero"], [out], name=tag, axis=1,
+                                     block_size=width // groups)]
+        else:
+            lean = [helper.make_node("DequantizeLinear", [x, s], [out], name=tag, axis=1, block_size=width // groups)]
+        replace[id(final)] = pre + lean
+        removed |= members
+        count += 1
+    if not count:
+        return 0
+    dequantized = {n.output[0] for lean in replace.values() for n in lean if n.op_type == "DequantizeLinear"}
+    dropped = _products_read_untransposed(nodes, consumers, dequantized)
+    out_nodes: list[Any] = []
+    for n in nodes:
+        if id(n) in replace:
+            out_nodes += replace[id(n)]
+        elif id(n) not in removed and id(n) not in dropped:
+            out_nodes.append(n)
+    del graph.node[:]
+    graph.node.extend(out_nodes)
+    for op in model.opset_import:
+        if op.domain in ("", "ai.onnx") and op.version < 21:
+            op.version = 21  # DequantizeLinear's block_size
+    return count
+
+
+def _products_read_untransposed(nodes: list[Any], consumers: dict[str, list[Any]], weights: set[str]) -> set[int]:
+    """``MatMul(a, Transpose(W))`` / ``FusedMatMul(a, Transpose(W))`` of a dequantized ``W`` become
+    ``FusedMatMul(a, W)`` with ``transB`` flipped (in place); returns the ids of the ``Transpose`` nodes dropped.
+
+    ORT's QDQ propagation would otherwise move each ``DequantizeLinear`` past its transpose, adding a
+    ``QuantizeLinear`` whose blocks no longer fit the transposed weight (a run-time error in ORT 1.19); the
+    product reads the weight transposed for free anyway (ORT's own ``MatmulTransposeFusion``).
+    """
+    from onnx import helper
+
+    dropped: set[int] = set()
+    for t in nodes:
+        if t.op_type != "Transpose" or not t.input or t.input[0] not in weights:
+            continue
+        perm = [list(a.ints) for a in t.attribute if a.name == "perm"]
+        readers = consumers.get(t.output[0], [])
+        if perm != [[1, 0]] or not readers or any(
+                r.op_type not in ("MatMul", "FusedMatMul") or list(r.input).index(t.output[0]) != 1
+                or r.input[0] == t.output[0] for r in readers):
+            continue
+        for r in readers:
+            if r.op_type == "MatMul":
+                r.op_type, r.domain = "FusedMatMul", "com.microsoft"
+                r.attribute.extend([helper.make_attribute("transB", 1), helper.make_attribute("alpha", 1.0)])
+            else:
+                attrs = {a.name: a for a in r.attribute}
+                if "transB" in attrs:
+                    attrs["transB"].i = 1 - attrs["transB"].i
+                else:
+                    r.attribute.append(helper.make_attribute("transB", 1))
+            r.input[1] = t.input[0]
+        dropped.add(id(t))
+    return dropped
+
+
+def split_storage_to_slices(model: Any, storage: set[str]) -> int:
+    """Replace each ``Split`` of a quantized-storage initializer (an ``onnx.ModelProto``) by one ``Slice`` per
+    output; returns the number of ``Split`` nodes replaced.
+
+    ORT's artifact builder fuses the LM head's per-chunk ``Slice`` of its stored bytes and scales into one
+    ``Split`` (``GatherSliceToSplitFusion``). A ``Split`` computes every chunk at once: in the forward it
+    copies the whole stored matrix before the first chunk is read, and each backward copy made by
+    :func:`rematerialize_constant_subgraphs` would copy it again (16 copies of 131 MB for a 128k
+    vocabulary, all alive at the peak). A ``Slice`` per chunk copies only its rows, and each gets its own
+    tie to its reader (:func:`_tie_to_readers`), so ORT's session does not fuse them back.
+    """
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    consts = {n.output[0]: numpy_helper.to_array(a.t) for n in graph.node if n.op_type == "Constant"
+              for a in n.attribute if a.name == "value"}
+    out: list[Any] = []
+    replaced = 0
+    for node in graph.node:
+        data = node.input[0] if node.input else ""
+        if node.op_type != "Split" or node.domain not in ("", "ai.onnx") or data not in storage or data not in inits:
+            out.append(node)
+            continue
+        dims = list(inits[data].dims)
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        axis = int(attrs.get("axis", 0)) % len(dims)
+        dim = dims[axis]
+        split = node.input[1] if len(node.input) > 1 else ""
+        if split:
+            given = numpy_helper.to_array(inits[split]) if split in inits else consts.get(split)
+            if given is None:
+                out.append(node)
+                continue
+            sizes = [int(v) for v in np.asarray(given).reshape(-1)]
+        else:  # num_outputs equal pieces, the last one smaller (Split-18)
+            n = int(attrs.get("num_outputs", len(node.output)))
+            chunk = -(-dim // n)
+            sizes = [min(chunk, dim - k * chunk) for k in range(n)]
+        if len(sizes) != len(node.output) or sum(sizes) != dim:
+            out.append(node)
+            continue
+        start = 0
+        for k, (name, size) in enumerate(zip(node.output, sizes, strict=True)):
+            tag = f"{node.name or f'split{replaced}'}_slice{k}"
+            bounds = []
+            for what, value in (("starts", start), ("ends", start + size), ("axes", axis)):
+                bounds.append(f"{tag}_{what}")
+                out.append(helper.make_node("Constant", [], [bounds[-1]], name=f"{tag}_{what}_const",
+                                            value=helper.make_tensor(f"{tag}_{what}_value", 7, [1], [value])))
+            if name:
+                out.append(helper.make_node("Slice", [data, *bounds], [name], name=tag))
+            start += size
+        replaced += 1
+    del graph.node[:]
+    graph.node.extend(out)
+    return replaced
 
 
 def rematerialize_constant_subgraphs(model: Any, constants: set[str], seeds: set[str]) -> int:
