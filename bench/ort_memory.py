@@ -2,9 +2,9 @@
 
     .venv/bin/python bench/ort_memory.py PKG RANK VARIANT [--json docs/bench/ort-memory.jsonl]
 
-VARIANT: ``base`` (lorafleet's session options: constant folding and the QDQ transformers off), ``arena`` (also the CPU memory arena off),
-``PRIORITY_BASED`` / ``MEMORY_EFFICIENT`` (also that execution order), ``cse`` (common-subexpression
-elimination off as well), ``none`` (every graph optimization off). The step is measured as
+VARIANT: ``base`` (lorafleet's session options: constant folding and the QDQ transformers off), ``arena``
+(also the CPU memory arena off), ``PRIORITY_BASED`` / ``MEMORY_EFFICIENT`` (also that execution order), ``cse``
+(common-subexpression elimination off as well), ``none`` (every graph optimization off). The step is measured as
 ``bench/quantize.py``'s ``step_child`` measures it (one process per variant: run each in a fresh one).
 """
 
