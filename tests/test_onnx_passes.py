@@ -110,7 +110,7 @@ def _run_proto(proto, inputs):
 
 @pytest.mark.parametrize("mode,chunk_rows", [("int4:16", 0), ("int4:32", 16), ("int4:64", 0), ("int8", 0),
                                              ("int8", 24)])
-def test_dequantizations_become_blocked_dequantize_linear_with_the_same_bits(mode, chunk_rows):
+def test_dequantizations_become_uint8_nibbles_and_dequantize_linear_with_the_same_bits(mode, chunk_rows):
     import onnx_ir as ir
 
     from lorafleet.export.compiler.onnx.graph import lean_dequantizations

@@ -218,7 +218,7 @@ def test_onnx_artifacts_keep_the_integer_weights_and_a_lora_only_checkpoint(int4
     # fed by that activation's Shape) instead of running whenever ORT likes, e.g. all of them up front
     readers = {n.op_type for n in model.graph.node for i in n.input if i in {t.name for t in ints}}
     assert readers <= {"Reshape", "Shape", "Gather"} and "Reshape" in readers
-    # each dequantization is one blocked DequantizeLinear of nibbles split in uint8 (no fp32 intermediates), for
+    # each dequantization is nibbles split in uint8 and one DequantizeLinear (no element-wise fp32 chain), for
     # every product of the forward and the backward: 14 linears and 5 head chunks forward, fewer backward
     ops = [n.op_type for n in model.graph.node]
     assert ops.count("DequantizeLinear") > 14 + 5

@@ -22,7 +22,7 @@ Numerics (both symmetric, zero point 0, scales fp32, computed by torchao's ``cho
 The dequantized weight ``W = q · s`` is computed inside each forward from the stored bytes
 (:meth:`QuantizedLinear.dequantized`): a handful of element-wise ATen ops every runtime has (ExecuTorch's
 portable kernels), the same ops in the torch backend and the ExecuTorch programs; the ONNX Runtime artifacts
-compute the same values with ``uint8`` nibble ops and ONNX's blocked ``DequantizeLinear``
+compute the same values with ``uint8`` nibble ops and ONNX's ``DequantizeLinear``
 (:func:`lorafleet.export.compiler.onnx.graph.lean_dequantizations`, bit-identical) — so each program computes
 with exactly the eager model's weights. The
 compilers then make sure a program never keeps the whole model dequantized: each use of a dequantized weight

@@ -29,8 +29,8 @@ def session_options() -> Any:
     """ORT session options of every lorafleet session: constant folding off, so a quantized base's
     dequantization runs in each step (from the stored bytes) instead of being folded into fp32 weights held in
     memory at load; an fp32 package has nothing it would fold (its weights are stored pre-transposed). The
-    QDQ transformers off too: a quantized base dequantizes with blocked ``DequantizeLinear`` nodes, which
-    they would move past the weight's transpose (adding a ``QuantizeLinear`` whose blocks no longer fit)."""
+    QDQ transformers off too: a quantized base dequantizes with ``DequantizeLinear`` nodes, and they would
+    rewrite the float ops after them (e.g. re-quantize around a reshape or transpose)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()

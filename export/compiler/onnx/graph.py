@@ -20,8 +20,8 @@ A quantized base, on the ``onnx.ModelProto`` that ORT's artifact builder wrote
 
 * :func:`split_storage_to_slices` — a ``Split`` of stored bytes (the LM head's chunks) becomes a ``Slice`` per
   chunk.
-* :func:`lean_dequantizations` — each dequantization becomes ``uint8`` nibble ops and one blocked
-  ``DequantizeLinear``, read by the product untransposed.
+* :func:`lean_dequantizations` — each dequantization becomes ``uint8`` nibble ops, one ``DequantizeLinear``
+  and the group scales' ``Mul``, read by the product untransposed.
 * :func:`rematerialize_constant_subgraphs` — each dequantization recomputed just before each reader, and tied
   to that reader's activation.
 """
@@ -382,23 +382,26 @@ _VIEWS = ("Reshape", "Slice", "Identity", "Unsqueeze")  # keep a stored tensor's
 
 
 def lean_dequantizations(model: Any, storage: set[str]) -> int:
-    """Rewrite each dequantization of a stored weight (an ``onnx.ModelProto``) into ONNX's own
-    ``DequantizeLinear`` (blocked, opset 21); returns the number rewritten.
+    """Rewrite each dequantization of a stored weight (an ``onnx.ModelProto``) with fewer, smaller
+    intermediates; returns the number rewritten.
 
     The exporter writes :func:`lorafleet.export.compiler.quantize.dequantize` element by element: for int4,
     the packed bytes cast to fp32, nibbles split with ``Floor`` and ``Sub``, stacked, shifted by 8, then
-    scaled — six intermediates of the fp32 weight's size or half of it (≈ 4.5× the weight for one
-    dequantization), which ORT's memory plan keeps around. Here the nibbles are split in ``uint8``
-    (``BitwiseAnd``, ``BitShift``: an eighth of the fp32 size each) and one ``DequantizeLinear`` with the
-    stored scales (zero point 8, block = the group) writes the fp32 weight: ``(v − 8) · s``, the same
-    single rounding as the eager model, so the values are bit-identical. int8 is one ``DequantizeLinear``
-    (block = the row). A tree that does not have exactly the exporter's shape is left as it is.
+    scaled — six intermediates of the fp32 weight's size or half of it per weight (≈ 4.5× the weight), which
+    ORT's memory plan keeps around. Here the nibbles are split in ``uint8`` (``BitwiseAnd``, ``BitShift``: an
+    eighth of the fp32 size each), ORT's per-tensor ``DequantizeLinear`` (scale 1, zero point 8) writes
+    ``q − 8`` in fp32 and one ``Mul`` applies the group scales: two fp32 tensors, and ``(q − 8) · s`` with one
+    rounding as in the eager model, so the values are bit-identical. int8 is one ``DequantizeLinear`` per
+    row (``axis=0``). ORT's blocked ``DequantizeLinear`` (opset 21) would save the second fp32 tensor but runs
+    2× (int4) to 6× (int8) slower here. A tree that does not have exactly the exporter's shape is left as it is.
     """
     from collections import Counter
 
     from onnx import helper
 
     graph = model.graph
+    if max((op.version for op in model.opset_import if op.domain in ("", "ai.onnx")), default=0) < 18:
+        return 0  # BitwiseAnd is opset 18
     inits = {t.name: t for t in graph.initializer}
     nodes = list(graph.node)
     producer = {o: n for n in nodes for o in n.output}
@@ -422,6 +425,7 @@ def lean_dequantizations(model: Any, storage: set[str]) -> int:
         return None if t is None else {2: "uint8", 3: "int8", 1: "float"}.get(t.data_type)
 
     replace: dict[int, list[Any]] = {}  # id(final node) -> the nodes that replace its tree
+    outs: set[str] = set()  # the dequantized weights they write
     removed: set[int] = set()
     count = 0
     for final in nodes:
@@ -472,7 +476,7 @@ def lean_dequantizations(model: Any, storage: set[str]) -> int:
         if groups <= 0 or width % groups:
             continue
 
-        def const(name: str, dtype: int, dims: list[int], vals: list[int], tag: str = tag) -> Any:
+        def const(name: str, dtype: int, dims: list[int], vals: list[Any], tag: str = tag) -> Any:
             return helper.make_node("Constant", [], [f"{tag}_{name}"], name=f"{tag}_{name}_const",
                                     value=helper.make_tensor(f"{tag}_{name}_value", dtype, dims, vals))
 
@@ -486,19 +490,27 @@ def lean_dequantizations(model: Any, storage: set[str]) -> int:
                     helper.make_node("Concat", [f"{tag}_lo1", f"{tag}_hi1"], [f"{tag}_pairs"], name=f"{tag}_pairs",
                                      axis=-1),
                     helper.make_node("Reshape", [f"{tag}_pairs", f"{tag}_shape"], [f"{tag}_q"], name=f"{tag}_q"),
-                    helper.make_node("Shape", [s], [f"{tag}_groups"], name=f"{tag}_groups"),
-                    helper.make_node("Expand", [f"{tag}_8", f"{tag}_groups"], [f"{tag}_zero"], name=f"{tag}_zero"),
-                    helper.make_node("DequantizeLinear", [f"{tag}_q", s, f"{tag}_zero"], [out], name=tag, axis=1,
-                                     block_size=width // groups)]
+                    # (q - 8) exactly, by ORT's per-tensor kernel, then each group times its scale
+                    const("one", 1, [], [1.0]), const("grouped", 7, [3], [-1, groups, width // groups]),
+                    helper.make_node("DequantizeLinear", [f"{tag}_q", f"{tag}_one", f"{tag}_8"], [f"{tag}_v"],
+                                     name=f"{tag}_v"),
+                    helper.make_node("Reshape", [f"{tag}_v", f"{tag}_grouped"], [f"{tag}_v3"], name=f"{tag}_v3"),
+                    helper.make_node("Unsqueeze", [s, f"{tag}_axis"], [f"{tag}_s3"], name=f"{tag}_s3"),
+                    helper.make_node("Mul", [f"{tag}_v3", f"{tag}_s3"], [f"{tag}_w3"], name=f"{tag}_w3"),
+                    helper.make_node("Reshape", [f"{tag}_w3", f"{tag}_shape"], [out], name=tag)]
+        elif groups == 1:  # int8, one scale per row: DequantizeLinear per axis (ORT's blocked kernel is 6x slower)
+            lean = [const("rows", 7, [1], [-1]),
+                    helper.make_node("Reshape", [s, f"{tag}_rows"], [f"{tag}_s1"], name=f"{tag}_s1"),
+                    helper.make_node("DequantizeLinear", [x, f"{tag}_s1"], [out], name=tag, axis=0)]
         else:
             lean = [helper.make_node("DequantizeLinear", [x, s], [out], name=tag, axis=1, block_size=width // groups)]
         replace[id(final)] = pre + lean
+        outs.add(out)
         removed |= members
         count += 1
     if not count:
         return 0
-    dequantized = {n.output[0] for lean in replace.values() for n in lean if n.op_type == "DequantizeLinear"}
-    dropped = _products_read_untransposed(nodes, consumers, dequantized)
+    dropped = _products_read_untransposed(nodes, consumers, outs)
     out_nodes: list[Any] = []
     for n in nodes:
         if id(n) in replace:
@@ -507,9 +519,6 @@ def lean_dequantizations(model: Any, storage: set[str]) -> int:
             out_nodes.append(n)
     del graph.node[:]
     graph.node.extend(out_nodes)
-    for op in model.opset_import:
-        if op.domain in ("", "ai.onnx") and op.version < 21:
-            op.version = 21  # DequantizeLinear's block_size
     return count
 
 
