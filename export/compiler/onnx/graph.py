@@ -393,7 +393,8 @@ def lean_dequantizations(model: Any, storage: set[str]) -> int:
     ``q − 8`` in fp32 and one ``Mul`` applies the group scales: two fp32 tensors, and ``(q − 8) · s`` with one
     rounding as in the eager model, so the values are bit-identical. int8 is one ``DequantizeLinear`` per
     row (``axis=0``). ORT's blocked ``DequantizeLinear`` (opset 21) would save the second fp32 tensor but runs
-    2× (int4) to 6× (int8) slower here. A tree that does not have exactly the exporter's shape is left as it is.
+    1.6–2× (int4) to 6–12× (int8) slower here (``bench/ort_dequantize.py``). A tree that does not have
+    exactly the exporter's shape is left as it is.
     """
     from collections import Counter
 
