@@ -231,6 +231,14 @@ def test_onnx_artifacts_keep_the_integer_weights_and_a_lora_only_checkpoint(int4
     assert not [n.name for n in model.graph.node if n.op_type == "Split" and n.input[0] in tied]
     sliced = [n for n in model.graph.node if n.op_type == "Slice" and n.input[0] in tied]
     assert len(sliced) >= 2 * 5 and all(producer[n.input[0]].op_type == "Reshape" for n in sliced)
+    # the eval graph declares the contrib domain its fused products use, and loads
+    import onnxruntime as ort
+
+    from lorafleet.export.runtime.onnx import session_options
+
+    evaluation = onnx.load(str(rank_dir / "eval_model.onnx"), load_external_data=False)
+    assert "com.microsoft" in {op.domain for op in evaluation.opset_import}
+    ort.InferenceSession(str(rank_dir / "eval_model.onnx"), session_options(), providers=["CPUExecutionProvider"])
     from onnxruntime.training.api import CheckpointState
 
     state = CheckpointState.load_checkpoint(str(rank_dir / "checkpoint"))

@@ -520,6 +520,9 @@ def lean_dequantizations(model: Any, storage: set[str]) -> int:
             out_nodes.append(n)
     del graph.node[:]
     graph.node.extend(out_nodes)
+    if not any(op.domain == "com.microsoft" for op in model.opset_import) and any(
+            n.domain == "com.microsoft" for n in out_nodes):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))  # the FusedMatMul products
     return count
 
 
