@@ -238,6 +238,10 @@ def test_onnx_artifacts_keep_the_integer_weights_and_a_lora_only_checkpoint(int4
 
     evaluation = onnx.load(str(rank_dir / "eval_model.onnx"), load_external_data=False)
     assert "com.microsoft" in {op.domain for op in evaluation.opset_import}
+    # ... and is as lean as the forward of the training graph: its builder leaves each scale's Unsqueeze
+    # unfolded, which must not keep the element-wise chain (it did for every linear but the head's chunks)
+    eval_ops = [n.op_type for n in evaluation.graph.node]
+    assert eval_ops.count("Floor") == 1 and eval_ops.count("DequantizeLinear") >= 14 + 5
     ort.InferenceSession(str(rank_dir / "eval_model.onnx"), session_options(), providers=["CPUExecutionProvider"])
     from onnxruntime.training.api import CheckpointState
 

@@ -425,6 +425,13 @@ def lean_dequantizations(model: Any, storage: set[str]) -> int:
         t = inits.get(stored.get(value, ""))
         return None if t is None else {2: "uint8", 3: "int8", 1: "float"}.get(t.data_type)
 
+    def float_matrix(value: str) -> bool:
+        """An fp32 (rows, groups) initializer — the scales, whether the storage lists them (a tied head's) or
+        not — or a view of a stored one. (The training graph's builder folds ``scale.unsqueeze(-1)`` into an
+        initializer; the eval graph keeps the ``Unsqueeze`` of the plain initializer.)"""
+        t = inits.get(stored.get(value, value))
+        return t is not None and t.data_type == 1 and len(t.dims) == 2
+
     replace: dict[int, list[Any]] = {}  # id(final node) -> the nodes that replace its tree
     outs: set[str] = set()  # the dequantized weights they write
     removed: set[int] = set()
@@ -454,9 +461,9 @@ def lean_dequantizations(model: Any, storage: set[str]) -> int:
         x, s = ints[0], scale_in[0]
         tag, out = f"{final.name or f'dequantize{count}'}_dq", final.output[0]
         pre: list[Any] = []  # a view giving the scales as (rows, groups)
-        if s in producer and producer[s].op_type == "Unsqueeze" and kind(producer[s].input[0]) == "float":
+        if s in producer and producer[s].op_type == "Unsqueeze" and float_matrix(producer[s].input[0]):
             s = producer[s].input[0]  # scale.unsqueeze(-1), shared with the backward's copies: left in place
-            groups = int(inits[stored[s]].dims[1])
+            groups = int(inits[stored.get(s, s)].dims[1])
         elif s in inits and inits[s].data_type == 1 and len(inits[s].dims) == 3 and inits[s].dims[2] == 1:
             groups = int(inits[s].dims[1])  # ORT's builder folded scale.unsqueeze(-1) into an initializer
             pre = [helper.make_node("Constant", [], [f"{tag}_s2d"], name=f"{tag}_s2d_const",
