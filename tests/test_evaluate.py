@@ -82,6 +82,48 @@ def test_merged_adapter_loss_equals_peft_and_weights_are_restored(tiny, tmp_path
     assert merged != pytest.approx(base, rel=1e-3)  # the adapter matters
 
 
+@pytest.mark.parametrize("quantize", ["int4:16", "int8"])
+def test_a_quantized_base_is_evaluated_with_the_devices_weights(quantize):
+    """The fleet's evaluation of a ``--quantize``d package (``lorafleet.fleet.server.Evaluator``): the base
+    quantized as the package's, dequantized once into fp32 — the same weights as the quantized modules the
+    devices train over, and a merged adapter scores like PEFT's LoRA over those quantized modules (the torch
+    backend's model)."""
+    from lorafleet.export.compiler.lora import attach_lora
+    from lorafleet.export.compiler.models import load_model
+    from lorafleet.export.compiler.quantize import QuantizedLinear, dequantize_model, quantize_model
+    from lorafleet.export.formats.program import LoraSpec
+    from lorafleet.export.formats.quantization import Quantization
+
+    q = Quantization.parse(quantize)
+    loaded = load_model("random:tiny")
+    tok = loaded.tokenizer
+    quantized = loaded.model
+    quantize_model(quantized, q)
+    fp32_nll = response_nll(load_model("random:tiny").model, tok, EXAMPLES, seq_len=256, batch_size=6)[0]
+    device_nll = response_nll(quantized, tok, EXAMPLES, seq_len=256, batch_size=6)[0]
+    adapter = random_adapter(loaded, 4, seed=5)
+    peft = attach_lora(quantized, LoraSpec(4, ("q_proj", "v_proj"), 16.0), adapter)
+    peft.eval()
+    assert all(isinstance(m, QuantizedLinear) for n, m in peft.named_modules() if n.endswith("base_layer"))
+    ref = response_nll(peft, tok, EXAMPLES, seq_len=256, batch_size=6)[0]
+    ref_answers = generate_answers(peft, tok, EXAMPLES, max_new_tokens=6, batch_size=6)
+
+    evaluated = load_model("random:tiny").model
+    quantize_model(evaluated, q)
+    dequantize_model(evaluated)
+    assert not any(isinstance(m, QuantizedLinear) for m in evaluated.modules())
+    assert evaluated.get_output_embeddings().weight is evaluated.get_input_embeddings().weight  # still tied
+    base = response_nll(evaluated, tok, EXAMPLES, seq_len=256, batch_size=6)[0]
+    assert base == pytest.approx(device_nll, rel=1e-6)
+    assert base != pytest.approx(fp32_nll, rel=1e-4)  # not the fp32 model's weights
+    with applied(evaluated, adapter):
+        merged = response_nll(evaluated, tok, EXAMPLES, seq_len=256, batch_size=6)[0]
+        answers = generate_answers(evaluated, tok, EXAMPLES, max_new_tokens=6, batch_size=6)
+    assert merged == pytest.approx(ref, rel=1e-5)
+    assert merged != pytest.approx(base, rel=1e-3)  # the adapter matters
+    assert answers == ref_answers
+
+
 def test_evaluate_caps_families_and_macro_averages(tiny):  # noqa: F811
     model, tok = tiny.model, tiny.tokenizer
     sets = {"add": tasks.generate("add", 5, seed=0), "parity": tasks.generate("parity", 5, seed=0), "empty": []}

@@ -155,9 +155,26 @@ def test_fleet_config_names_the_bad_field(tmp_path):
                             ({"local_steps": 0}, "local_steps must be a positive integer"),
                             ({"ranks": (4, 4)}, "ranks must be distinct positive integers"),
                             ({"seq_len": 4}, "seq_len must be 0"),
+                            ({"quantize": "int3"}, "quantize: unknown mode 'int3'"),
+                            ({"quantize": "int4:7"}, "int4 group size must be an even integer"),
+                            ({"quantize": 8}, "quantize must be none, int8, int4 or int4:G, got 8"),
                             ({"backend": "executorch"}, "backend must be one of onnxruntime, torch"),
                             ({"fedavg_rank": "median"}, "fedavg_rank must be one of"),
                             ({"data": str(tmp_path / "none.jsonl")}, "data must be .builtin. or a JSONL file"),
                             ({"profiles_dir": tmp_path / "nope"}, "profiles directory not found")):
         with pytest.raises(ConfigError, match=message):
             FleetConfig(**{**ok, **change})
+
+
+def test_a_quantized_base_is_its_own_package(tmp_path):
+    from lorafleet.fleet.package import package_key
+
+    ok = {"devices": 4, "rounds": 1, "model": "random:tiny", "method": "flexlora", "seed": 0, "out": tmp_path / "o"}
+    assert FleetConfig(**ok).quantize == "none"
+    assert FleetConfig(**ok, quantize="INT4").quantize == "int4:32"  # the manifest's spelling
+    assert FleetConfig(**ok, quantize="int4:64").to_json()["quantize"] == "int4:64"
+    args = ("random:tiny", (4, 8), ("q_proj", "v_proj"), 16.0, 64)
+    keys = {q: package_key(*args, quantize=q) for q in ("none", "int8", "int4", "int4:64")}
+    assert len(set(keys.values())) == 4
+    assert keys["none"] == package_key(*args)  # fp32 packages keep their cached key
+    assert package_key(*args, quantize="int4:32") == keys["int4"]

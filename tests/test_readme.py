@@ -157,6 +157,7 @@ def test_the_fleet_sections_run_at_a_small_scale(tmp_path):
     for report in ("fleet-out", "my-fleet", "skewed-fleet", "main-report", "fleet-report"):
         metrics = json.loads((work / report / "metrics.json").read_text())
         assert metrics["rounds"], report
+    assert json.loads((work / "my-fleet" / "metrics.json").read_text())["config"]["quantize"] == "int8"
     skewed = json.loads((work / "skewed-fleet" / "metrics.json").read_text())
     assert skewed["config"]["method"] == "raflora" and len(skewed["device_ranks"]) == 20
     assert json.loads((work / "fleet-report" / "summary.json").read_text())["passed"], out[-2000:]

@@ -91,11 +91,17 @@ def test_report_without_rounds_still_renders(tmp_path):
 
 
 def test_devices_without_a_rank_are_reported_as_such(tmp_path):
+    small, large = ({"rank": r, "memory": f"peak {m} GiB > memory budget 1 GiB"} for r, m in ((2, 1.5), (4, 1.6)))
+    board = {"selected_rank": 2, "reasons": ["fits"], "candidates": [{**small, "memory": "peak 0.5 GiB ≤ 1 GiB"}]}
     rep = FleetReport({}, {"a": 2, "b": None}, [], {"a": "board", "b": "phone"},
-                      {"profiles": {"phone": {"selected_rank": None, "reasons": ["no packaged rank fits"]}}})
+                      {"profiles": {"board": board, "phone": {"selected_rank": None, "candidates": [small, large],
+                                                             "reasons": ["no packaged rank fits"]}}})
     write_report(tmp_path, rep)
     text = (tmp_path / "summary.md").read_text()
-    assert "| none fits | 1 |" in text and "| phone | 1 | none | no packaged rank fits |" in text
+    # a profile's predicted memory: its rank's, or (none fits) the smallest rank's
+    assert "| none fits | 1 |" in text
+    assert "| phone | 1 | none | peak 1.5 GiB > memory budget 1 GiB | no packaged rank fits |" in text
+    assert "| board | 1 | 2 | peak 0.5 GiB ≤ 1 GiB | fits |" in text
     assert read_report(tmp_path).device_ranks == {"a": 2, "b": None}
 
 

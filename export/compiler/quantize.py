@@ -254,6 +254,38 @@ def quantize_model(model: Any, q: Quantization) -> QuantizedSummary | None:
                             stats["fp32"], fp32_rest, working)
 
 
+def dequantize_model(model: Any) -> Any:
+    """Replace, in place, every quantized module of ``model`` by an fp32 one holding its dequantized weight
+    (``q · s``: the exact values every program and backend computes with), and return ``model``.
+
+    For a host that evaluates what devices trained over a quantized base (the fleet's evaluation): the weights
+    are the quantized base's, held in fp32 so that a forward does not dequantize them again and an adapter can
+    be merged into them. A tied LM head shares the embedding's dequantized matrix, as in the fp32 model."""
+    embed = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    embed_weight: torch.Tensor | None = None
+    if isinstance(embed, QuantizedEmbedding):
+        embed_weight = dequantize(embed.qweight, embed.scale)
+        plain = nn.Embedding(embed.num_embeddings, embed.embedding_dim, padding_idx=embed.padding_idx,
+                             _weight=embed_weight, _freeze=True)
+        model.set_input_embeddings(plain)
+        embed_weight = plain.weight
+    tied_bytes = embed.qweight if isinstance(embed, QuantizedEmbedding) else None
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if isinstance(child, QuantizedLinear):
+                linear = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
+                                   device="meta")
+                if child is head and tied_bytes is not None and child.qweight is tied_bytes:
+                    linear.weight = embed_weight  # type: ignore[assignment]  # the tied head: one matrix
+                else:
+                    linear.weight = nn.Parameter(child.dequantized(), requires_grad=False)
+                if child.bias is not None:
+                    linear.bias = nn.Parameter(child.bias.detach().clone(), requires_grad=False)
+                setattr(parent, child_name, linear)
+    return model
+
+
 # --- what quantization costs ------------------------------------------------------------------------------
 
 FIXED_TEXT = (

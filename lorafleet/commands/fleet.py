@@ -2,7 +2,8 @@
 
     lorafleet fleet --devices N [--profiles DIR] [--mix name=weight,...] [--fraction F] --rounds R
         --model SPEC --method M [--data builtin|FILE.jsonl] [--local-steps S] [--round-deadline SECONDS]
-        [--ranks 4,8,16] [--rank-distribution D] [--emulation flops|measured] [--resume]
+        [--ranks 4,8,16] [--quantize none|int8|int4|int4:G] [--rank-distribution D]
+        [--emulation flops|measured] [--resume]
         [--gpus-per-device F] [--ray-address HOST:PORT] --seed S --out DIR
     lorafleet fleet --config fleet.toml [any option above, overriding the file's key] --out DIR
         [--expect 'METRIC OP NUMBER' ...] [--baseline DIR] [--print-config]
@@ -96,6 +97,10 @@ def fleet(
     = None,
     ranks: Annotated[Any, typer.Option(
         "--ranks", metavar="R1,R2,...", click_type=INTS, help="Packaged LoRA ranks (default 4,8,16).")] = None,
+    quantize: Annotated[str | None, typer.Option(
+        "--quantize", metavar="none|int8|int4[:G]",
+        help="The package's frozen base, as in 'lorafleet export': none (fp32, the default), int8 or int4 "
+             "(groups of G, default 32). Devices' memory and ranks follow it.")] = None,
     rank_distribution: Annotated[str | None, typer.Option(
         "--rank-distribution", click_type=OneOf(_rank_distributions),
         help="How devices get ranks: the profiler's rule (default) or drawn from a distribution.")] = None,
@@ -134,7 +139,7 @@ def fleet(
     overrides = {"devices": devices, "rounds": rounds, "model": model, "method": method, "seed": seed, "out": out,
                  "profiles_dir": profiles, "mix": parse_mix(mix) if mix is not None else None,
                  "fraction": fraction, "data": data, "local_steps": local_steps, "round_deadline": round_deadline,
-                 "ranks": ranks, "rank_distribution": rank_distribution, "emulation": emulation,
+                 "ranks": ranks, "quantize": quantize, "rank_distribution": rank_distribution, "emulation": emulation,
                  "resume": True if resume else None, "gpus_per_device": gpus_per_device,
                  "ray_address": ray_address}
     settings = fleetfile.merge(file, overrides)

@@ -13,6 +13,7 @@ from typing import Any
 
 from lorafleet.edge_client.profiles import PROFILES_DIR
 from lorafleet.export.formats.errors import ConfigError
+from lorafleet.export.formats.quantization import Quantization
 
 DATA_BUILTIN = "builtin"
 BACKENDS = ("onnxruntime", "torch")  # emulation backends (the package's programs, or eager PEFT)
@@ -64,6 +65,7 @@ class FleetConfig:
     local_steps: int = 10
     round_deadline: float | None = None  # emulated seconds; also the devices' time budget for their rank
     ranks: tuple[int, ...] = (4, 8, 16)  # the packaged ranks
+    quantize: str = "none"  # the package's frozen base: none (fp32), int8, int4[:G] (as ``lorafleet export``)
     rank_distribution: str = "profiler"
     emulation: str = "flops"
     resume: bool = False  # continue the run in ``out`` from its last completed round (DIR/state/)
@@ -91,6 +93,9 @@ class FleetConfig:
         object.__setattr__(self, "out", Path(self.out))
         object.__setattr__(self, "profiles_dir", Path(self.profiles_dir))
         object.__setattr__(self, "ranks", tuple(sorted(self.ranks)))
+        if not isinstance(self.quantize, str):
+            raise ConfigError(f"quantize must be none, int8, int4 or int4:G, got {self.quantize!r}")
+        object.__setattr__(self, "quantize", str(Quantization.parse(self.quantize)))  # int4 -> int4:32
         if not self.target_modules:
             from lorafleet.export.compiler.models import default_targets
 

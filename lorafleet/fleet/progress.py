@@ -56,6 +56,7 @@ class RichProgress(FleetProgress):
             self.console.print(f"round 0 (untrained): {scores}")
             return
         self.progress.advance(self.rounds)
-        self.console.print(f"round {record.round}: {scores}; {len(record.participants)} of {len(record.sampled)} "
+        scores = f"{scores}; " if scores else ""  # a round that is not evaluated has none
+        self.console.print(f"round {record.round}: {scores}{len(record.participants)} of {len(record.sampled)} "
                            f"sampled devices aggregated ({record.online} online, {len(record.dropped)} dropped), "
                            f"emulated round {record.round_time_s:.1f} s")

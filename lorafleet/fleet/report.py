@@ -71,17 +71,26 @@ def summary_markdown(report: FleetReport) -> str:
               for r, n in sorted(ranks.items(), key=lambda kv: kv[0] or 0)]
     if report.device_profiles:
         chosen = report.rank_choice.get("profiles", {})
-        lines += ["", "| profile | devices | rank | why |", "|---|---:|---:|---|"]
+        lines += ["", "| profile | devices | rank | predicted memory (the rank, or the smallest) | why |",
+                  "|---|---:|---:|---|---|"]
         for p, n in sorted(Counter(report.device_profiles.values()).items()):
             c = chosen.get(p, {})
             rank = c.get("selected_rank", "?")
-            lines.append(f"| {p} | {n} | {rank if rank is not None else 'none'} | {(c.get('reasons') or [''])[-1]} |")
+            lines.append(f"| {p} | {n} | {rank if rank is not None else 'none'} | {_memory_cell(c)} | "
+                         f"{(c.get('reasons') or [''])[-1]} |")
     lines += ["", "## Rounds", "", *_rounds_table(report), "", *_change_lines(report)]
     lines += ["", "## Plots", ""] + [f"![{k}]({name})" for k, name in PLOTS.items()]
     return "\n".join(lines) + "\n"
 
 
 # --- internals ------------------------------------------------------------------------------------------
+
+def _memory_cell(choice: dict[str, Any]) -> str:
+    """The predicted training peak against the memory budget, of the selected rank (or the smallest one)."""
+    candidates = choice.get("candidates") or []
+    picked = [c for c in candidates if c.get("rank") == choice.get("selected_rank")] or candidates[:1]
+    return str(picked[0].get("memory", "")) if picked else ""
+
 
 SHOWN = ("heldout/rouge_l", "seen/rouge_l", "heldout/exact_match", "seen/exact_match", "seen/loss")
 

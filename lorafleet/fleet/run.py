@@ -119,7 +119,7 @@ def prepare(cfg: FleetConfig, progress: FleetProgress | None = None, host: HostP
     seq_len = cfg.seq_len or _fitting_seq_len(cfg.model, data.sizing)
     progress.stage(f"edge package for {cfg.model}")
     pkg_path, _ = fleet_package(cfg.model, cfg.ranks, cfg.target_modules, cfg.lora_alpha, seq_len,
-                                log=progress.stage)
+                                quantize=cfg.quantize, log=progress.stage)
     pkg = open_package(pkg_path, verify=False)
     workers, threads = worker_layout(cfg.workers)
     budgets = fleet_budgets(cfg)
@@ -150,12 +150,14 @@ def fleet_data(cfg: FleetConfig) -> FleetData:
 
 
 def make_evaluator(cfg: FleetConfig, data: FleetData, seq_len: int) -> Evaluator:
-    """The base model in memory with the fleet's evaluation splits (held-out and seen families)."""
+    """The base model in memory with the fleet's evaluation splits (held-out and seen families), quantized as
+    the package's base is (the weights the devices train over)."""
     from lorafleet.fleet.evaluate import EvalConfig
     from lorafleet.fleet.server import Evaluator
 
     return Evaluator(cfg.model, data.eval_splits, EvalConfig(
-        per_family=cfg.eval_per_family, max_new_tokens=cfg.eval_max_new_tokens, seq_len=seq_len))
+        per_family=cfg.eval_per_family, max_new_tokens=cfg.eval_max_new_tokens, seq_len=seq_len),
+        quantize=cfg.quantize)
 
 
 def fleet_budgets(cfg: FleetConfig) -> Budgets:

@@ -43,12 +43,22 @@ class FleetProgress:
 
 
 class Evaluator:
-    """Scores an adapter on the evaluation splits with the base model kept in memory."""
+    """Scores an adapter on the evaluation splits with the base model kept in memory. With a ``quantize``d
+    package that base holds the quantized weights the devices train over, dequantized once into fp32 (the
+    same values; a forward need not dequantize again, and adapters merge into them as into an fp32 base)."""
 
-    def __init__(self, model_spec: str, splits: Mapping[str, Mapping[str, Sequence[Example]]], config: EvalConfig):
+    def __init__(self, model_spec: str, splits: Mapping[str, Mapping[str, Sequence[Example]]], config: EvalConfig,
+                 *, quantize: str = "none"):
         from lorafleet.export.compiler.models import load_model
+        from lorafleet.export.formats.quantization import Quantization
 
         self.loaded = load_model(model_spec)
+        quantization = Quantization.parse(quantize)
+        if quantization.enabled:
+            from lorafleet.export.compiler.quantize import dequantize_model, quantize_model
+
+            quantize_model(self.loaded.model, quantization)
+            dequantize_model(self.loaded.model)
         self.splits, self.config = splits, config
         self._baseline: dict[str, SplitResult] | None = None  # the untrained model's, kept for later runs
         self.last: dict[str, SplitResult] = {}  # the latest call's results, each example's scores included
