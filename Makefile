@@ -26,10 +26,11 @@ demo: install
 	$(BIN)/lorafleet demo
 
 # Two pytest workers (CI has 2 cores); a test file stays on one worker, so its module fixtures are built once.
+# The 20 slowest tests are listed at the end: where the suite's time goes.
 TEST_WORKERS ?= 2
 test: install
-	@echo "running the test suite on $(TEST_WORKERS) workers (20-40 minutes on 2 cores; a dot per test)"
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+	@echo "running the test suite on $(TEST_WORKERS) workers (20-60 minutes on 2 cores; a dot per test)"
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=20
 
 lint: install
 	$(BIN)/ruff check .
