@@ -7,6 +7,7 @@
         .venv/bin/python bench/executorch_lowering.py steps --package PKG --rank 8 --steps 25
     .venv/bin/python bench/executorch_lowering.py profile-summary prof.txt
     .venv/bin/python bench/executorch_lowering.py pte-sizes --package PKG --rank 8
+    .venv/bin/python bench/executorch_lowering.py stages --layers 4 --ranks 4,16
 
 ``scale`` lowers random SmolLM2-135M-shaped models (the real layer shapes, fewer layers; LoRA rank 8 on q,v;
 batch 1 × 32) and times the training program with the contiguous partitioner (the pipeline's) and with torch's
@@ -15,7 +16,10 @@ default partitioner (the previous lowering). ``memory`` lowers a Llama-3.2-1B-sh
 without ``weights_shared_across_partitions`` and reports the peak RSS above the start inside ``to_backend``
 (sampled every 50 ms), each variant in a forked child. ``steps`` runs training steps of a package's program,
 to be profiled; ``profile-summary`` condenses the profile to each kernel's share of the samples in the
-program's execution; ``pte-sizes`` splits a rank's ``.pte`` files into their parts. Rows are printed
+program's execution; ``pte-sizes`` splits a rank's ``.pte`` files into their parts; ``stages`` times each stage of
+both programs' lowering (``torch.export``, the joint graph, ``to_edge``, partitioning and XNNPACK's
+``preprocess``, ``to_executorch``, serialization) at each of ``--ranks``, to show what a lowering shared across
+ranks could save. Rows are printed
 and appended as JSON lines to ``--json``.
 """
 
@@ -98,6 +102,72 @@ def bench_scale(args: argparse.Namespace) -> list[dict[str, Any]]:
             rows.append({"kind": "scale", "arch": args.arch, "layers": layers, "program": kind,
                          "partitioner": which, "lower_s": round(time.perf_counter() - t0, 1),
                          "pte_bytes": len(program.pte), "loadavg": os.getloadavg()[0]})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+# The lowering's stages, as (label, module attribute path): each is timed by wrapping it for one lowering.
+_STAGES = (
+    ("export", "lorafleet.export.compiler.executorch.training", "export"),
+    ("joint_graph", "lorafleet.export.compiler.executorch.training", "_export_forward_backward"),
+    ("to_edge", "lorafleet.export.compiler.executorch.training", "to_edge"),
+    ("export", "lorafleet.export.compiler.executorch.lower", "export"),
+    ("to_edge_and_lower", "lorafleet.export.compiler.executorch.lower", "to_edge_transform_and_lower"),
+    ("to_backend", "executorch.exir.program._program", "EdgeProgramManager.to_backend"),
+    ("xnnpack_preprocess", "executorch.backends.xnnpack.xnnpack_preprocess", "XnnpackBackend.preprocess"),
+    ("to_executorch", "executorch.exir.program._program", "EdgeProgramManager.to_executorch"),
+    ("serialize", "lorafleet.export.compiler.executorch.training", "serialize"),
+    ("serialize", "lorafleet.export.compiler.executorch.lower", "serialize"),
+)
+
+
+@contextlib.contextmanager
+def _timed_stages(times: dict[str, float]) -> Iterator[None]:
+    """Wrap each of :data:`_STAGES` so its wall time adds to ``times[label]``; restore them on exit."""
+    import importlib
+
+    restore = []
+    for label, module, attr in _STAGES:
+        owner: Any = importlib.import_module(module)
+        *path, name = attr.split(".")
+        for part in path:
+            owner = getattr(owner, part)
+        raw = owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name)
+        fn = raw.__func__ if isinstance(raw, staticmethod) else raw
+
+        def timed(*a: Any, _fn: Any = fn, _label: str = label, **k: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return _fn(*a, **k)
+            finally:
+                times[_label] = times.get(_label, 0.0) + time.perf_counter() - t0
+
+        setattr(owner, name, staticmethod(timed) if isinstance(raw, staticmethod) else timed)
+        restore.append((owner, name, raw))
+    try:
+        yield
+    finally:
+        for owner, name, raw in reversed(restore):
+            setattr(owner, name, raw)
+
+
+def bench_stages(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Each stage's seconds in the lowering of both programs, per rank (a fresh PEFT model of the same base)."""
+    from lorafleet.export.compiler.executorch import lower_inference, lower_training
+
+    rows = []
+    for rank in (int(x) for x in args.ranks.split(",")):
+        model = _peft_model(args.arch, int(args.layers), rank)
+        for kind in ("training", "inference"):
+            times: dict[str, float] = {}
+            t0 = time.perf_counter()
+            with _timed_stages(times):
+                lower_training(model, 1, 32) if kind == "training" else lower_inference(model, 32)
+            total = time.perf_counter() - t0
+            rows.append({"kind": "stages", "arch": args.arch, "layers": int(args.layers), "rank": rank,
+                         "program": kind, "lower_s": round(total, 1),
+                         "stages_s": {k: round(v, 1) for k, v in times.items()},
+                         "loadavg": os.getloadavg()[0]})
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -238,11 +308,15 @@ def main() -> None:
     z = sub.add_parser("pte-sizes")
     z.add_argument("--package", required=True)
     z.add_argument("--rank", type=int, default=8)
-    for p in (s, m, t, r, z):
+    g = sub.add_parser("stages")
+    g.add_argument("--arch", default="smollm2-135m")
+    g.add_argument("--layers", default="4")
+    g.add_argument("--ranks", default="4,16")
+    for p in (s, m, t, r, z, g):
         p.add_argument("--json", default="")
     args = ap.parse_args()
     rows = {"scale": bench_scale, "memory": bench_memory, "steps": bench_steps, "profile-summary": profile_summary,
-            "pte-sizes": pte_sizes}[args.cmd](args)
+            "pte-sizes": pte_sizes, "stages": bench_stages}[args.cmd](args)
     if args.json:
         stamp = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "cpus": os.cpu_count()}
         with open(args.json, "a") as f:
