@@ -29,7 +29,7 @@ demo: install
 # The 20 slowest tests are listed at the end: where the suite's time goes.
 TEST_WORKERS ?= 2
 test: install
-	@echo "running the test suite on $(TEST_WORKERS) workers (20-60 minutes on 2 cores; a dot per test)"
+	@echo "running the test suite on $(TEST_WORKERS) workers (40-60 minutes on 2 cores; a dot per test)"
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=20
 
 lint: install
