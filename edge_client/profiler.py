@@ -81,7 +81,7 @@ def profile_device(device: DeviceReport, package: Package | None, backend: str, 
             measured.append(measure_rank(package.path, hi, backend, steps=steps))
         except LorafleetError as exc:
             notes.append(f"measuring rank {hi} failed ({exc}); rank slopes come from the manifest's estimates")
-    mem_fit, time_fit = fit_growth(package, measured)
+    mem_fit, time_fit = fit_growth(package, measured, backend)
     predictions = predict(package, mem_fit, time_fit)
     decision = choose_rank(device, predictions, budgets)
     runtime = "executorch" if backend == "native" else backend  # the native trainer runs the ExecuTorch programs
@@ -92,15 +92,17 @@ def profile_device(device: DeviceReport, package: Package | None, backend: str, 
     return ProfileResult(device, decision, measured, predictions)
 
 
-def fit_growth(package: Package, measured: list[RankMeasurement]) -> tuple[LinearFit, LinearFit]:
-    """Peak bytes and step seconds as linear functions of rank (one measurement: manifest slopes)."""
+def fit_growth(package: Package, measured: list[RankMeasurement],
+               backend: str | None = None) -> tuple[LinearFit, LinearFit]:
+    """Peak bytes and step seconds as linear functions of rank (one measurement: the manifest's slopes, from
+    ``backend``'s program-derived device-memory prediction where the package has one)."""
     if len(measured) >= 2:
         rs = [float(m.rank) for m in measured]
         mem = fit_linear(rs, [float(m.device_memory_bytes) for m in measured])
         sec = fit_linear(rs, [m.step_seconds for m in measured])
         return mem, sec
     m = measured[0]
-    mem_slope, flop_share = _manifest_slopes(package)
+    mem_slope, flop_share = _manifest_slopes(package, backend)
     mem = LinearFit(m.device_memory_bytes - mem_slope * m.rank, mem_slope)
     sec_slope = m.step_seconds * flop_share
     return mem, LinearFit(m.step_seconds - sec_slope * m.rank, sec_slope)
@@ -138,14 +140,18 @@ def fixed_term_reasons(package: Package, backend: str, measured: list[RankMeasur
     ]
 
 
-def _manifest_slopes(package: Package) -> tuple[float, float]:
-    """Bytes per rank and the per-rank share of step FLOPs, from the manifest's formula estimates."""
+def _manifest_slopes(package: Package, backend: str | None = None) -> tuple[float, float]:
+    """Bytes per rank and the per-rank share of step FLOPs, from the manifest's estimates (memory: ``backend``'s
+    program-derived prediction where the package has one, else the formula)."""
+    from lorafleet.edge_client.backends import package_runtime
+
     ranks = sorted(package.ranks)
     est = [package.manifest.rank(r).estimates for r in ranks]
     if len(ranks) < 2:
         return 0.0, 0.0
     dr = ranks[-1] - ranks[0]
-    mem = (est[-1].training_peak_memory_bytes - est[0].training_peak_memory_bytes) / dr
+    runtime = package_runtime(backend) if backend else None
+    mem = (est[-1].device_memory_bytes(runtime) - est[0].device_memory_bytes(runtime)) / dr
     flops = (est[-1].flops_per_step - est[0].flops_per_step) / dr / max(est[0].flops_per_step, 1)
     return max(mem, 0.0), max(flops, 0.0)
 

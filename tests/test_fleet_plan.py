@@ -69,12 +69,16 @@ def test_the_mix_chooses_and_weighs_profiles(profiles_dir):
         load_mix(profiles_dir / "missing", None)
 
 
-def _package(flops_per_rank: int = 10**9, peak: int = 400 << 20):
-    """A package as the plan reads it: per-rank FLOPs, estimated peak and trainable parameters."""
+def _package(flops_per_rank: int = 10**9, peak: int = 400 << 20, device_memory: dict | None = None):
+    """A package as the plan reads it: per-rank FLOPs, estimated peak (and, given ``device_memory``
+    ``{runtime: bytes}``, a program-derived prediction per runtime) and trainable parameters."""
     from types import SimpleNamespace
 
+    from lorafleet.export.formats.manifest import Estimates
+
     ranks = (4, 8, 16)
-    est = {r: SimpleNamespace(flops_per_step=flops_per_rank * (1 + r / 64), training_peak_memory_bytes=peak + r)
+    est = {r: Estimates(peak + r, int(flops_per_rank * (1 + r / 64)),
+                        device_memory={rt: {"planned": b + r, "runtime": 1} for rt, b in (device_memory or {}).items()})
            for r in ranks}
     return SimpleNamespace(ranks=ranks, manifest=SimpleNamespace(
         rank=lambda r: SimpleNamespace(estimates=est[r], trainable_parameters=1000 * r)))
@@ -102,7 +106,8 @@ def test_flops_emulation_needs_no_host_and_times_steps_from_flops(profiles_dir):
     again = plan_fleet(None, profiles, None, 40, budgets, seed=3, pkg=pkg, emulation="flops")
     assert again.devices == plan.devices
     emulation = plan.rank_choice_json(budgets)["emulation"]
-    assert emulation == {"mode": "flops", "rank_distribution": "profiler", "efficiency": TRAINING_EFFICIENCY}
+    assert emulation == {"mode": "flops", "rank_distribution": "profiler", "efficiency": TRAINING_EFFICIENCY,
+                         "memory": "formula"}
     with pytest.raises(ConfigError, match="needs the package"):
         plan_fleet(None, profiles, None, 4, budgets, seed=3, emulation="flops")
     with pytest.raises(ConfigError, match="needs this host's profile"):
@@ -178,3 +183,27 @@ def test_a_quantized_base_is_its_own_package(tmp_path):
     assert len(set(keys.values())) == 4
     assert keys["none"] == package_key(*args)  # fp32 packages keep their cached key
     assert package_key(*args, quantize="int4:32") == keys["int4"]
+
+
+def test_flops_emulation_takes_the_backends_program_memory_where_the_package_has_it(profiles_dir):
+    """An ExecuTorch (or native) fleet judges each rank on the manifest's program-derived device memory of the
+    ExecuTorch programs; a torch fleet, and a runtime the package has no prediction for, on the formula."""
+    from lorafleet.fleet.plan import flops_predictions, memory_source
+
+    pkg = _package(peak=400 << 20, device_memory={"executorch": 5 << 30})
+    profiles = load_mix(profiles_dir, None)
+    p = next(iter(profiles.values()))
+    for backend in ("executorch", "native"):
+        assert [x.peak_bytes for x in flops_predictions(pkg, p, backend=backend)] == \
+            [(5 << 30) + r + 1 for r in (4, 8, 16)]
+        assert memory_source(pkg, backend) == "executorch program"
+    for backend in ("torch", "onnxruntime", None):
+        assert [x.peak_bytes for x in flops_predictions(pkg, p, backend=backend)] == \
+            [(400 << 20) + r for r in (4, 8, 16)]
+        assert memory_source(pkg, backend) == "formula"
+    budgets = Budgets(time_budget_seconds=6.0, steps_per_round=3)
+    small = plan_fleet(None, profiles, None, 40, budgets, seed=3, pkg=pkg, emulation="flops", backend="torch")
+    big = plan_fleet(None, profiles, None, 40, budgets, seed=3, pkg=pkg, emulation="flops", backend="executorch")
+    assert big.rank_choice_json(budgets)["emulation"]["memory"] == "executorch program"
+    # 5 GiB programs fit none of the 4 GiB profiles that 400 MiB ones fit
+    assert not any(d.rank for d in big.devices) and any(d.rank for d in small.devices)

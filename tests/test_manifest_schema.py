@@ -48,6 +48,13 @@ def test_the_exported_manifest_is_read(manifest):
      r"^manifest.json: model: module_shapes.q_proj must be \[out, in\], got \[True, 64\]$"),
     (lambda d: d["artifacts"]["4"]["estimates"]["memory_breakdown"].update(weights=True),
      r"^manifest.json: artifacts.4.estimates: memory_breakdown must map names to integers$"),
+    (lambda d: d["artifacts"]["4"]["estimates"].update(device_memory={"executorch": {"planned": True}}),
+     r"^manifest.json: artifacts.4.estimates: device_memory must map runtimes to \{term: bytes\} objects$"),
+    (lambda d: d["artifacts"]["4"]["estimates"].update(device_memory={"executorch": 5}),
+     r"^manifest.json: artifacts.4.estimates: device_memory must map runtimes to \{term: bytes\} objects$"),
+    (lambda d: d["artifacts"]["4"]["estimates"].update(device_memory={"tflite": {"planned": 5}}),
+     r"^manifest.json: artifacts.4.estimates.device_memory has runtime 'tflite', which the package does not "
+     r"have \(runtimes: .*\)$"),
     # nor is a string, and a number too large for a float is refused, not an OverflowError
     (lambda d: d.update(batch_size="1"), r"field 'batch_size' must be an integer, got '1'$"),
     (lambda d: d.update(lora_alpha=10**400), r"field 'lora_alpha' must be a number"),

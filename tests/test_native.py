@@ -94,6 +94,17 @@ def test_native_inference_gives_the_programs_next_token_logits(tool, pkg, tmp_pa
     assert json.loads(proc.stdout)["next_token"] == int(python.argmax())
 
 
+def test_the_runtime_plans_and_holds_what_the_manifest_predicts(tool, pkg):
+    """The manifest's ExecuTorch device-memory terms (read from the program at export) against the C++ runtime
+    itself: its MethodMeta's planned buffers, and the anonymous memory it holds once the program is loaded and
+    has run a step (planned buffers, XNNPACK's packed weights and workspace; the runtime's own allocations)."""
+    info = json.loads(_run(tool, "info", "--package", pkg.path, "--rank", RANK).stdout)
+    terms = pkg.manifest.rank(RANK).estimates.device_memory["executorch"]
+    assert info["planned_bytes"] == terms["planned"]
+    held = terms["planned"] + terms["packed"] + terms["workspace"]
+    assert held <= info["rss_anon_bytes"] <= held + terms["runtime"]
+
+
 def _corrupt_header(tmp_path):
     write_adapter(nonzero_adapter(RANK), tmp_path / "bad")
     weights = tmp_path / "bad" / "adapter_model.safetensors"

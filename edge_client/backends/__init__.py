@@ -14,7 +14,15 @@ from lorafleet.export.formats.errors import ConfigError
 if TYPE_CHECKING:
     from lorafleet.export.formats.package import Package
 
-__all__ = ["BACKENDS", "AdamW", "OptimizerConfig", "TrainingBackend", "make_backend"]
+__all__ = ["BACKENDS", "AdamW", "OptimizerConfig", "TrainingBackend", "make_backend", "package_runtime"]
+
+# the package runtime whose programs each backend runs (torch trains the eager model: none)
+_PACKAGE_RUNTIME = {"executorch": "executorch", "native": "executorch", "onnxruntime": "onnx"}
+
+
+def package_runtime(backend: str) -> str | None:
+    """The package runtime (``Manifest.runtimes``) whose programs ``backend`` runs; ``None`` for torch."""
+    return _PACKAGE_RUNTIME.get(backend)
 
 
 def make_backend(name: str, package: Package, rank: int, optimizer: OptimizerConfig, *,

@@ -21,7 +21,7 @@ import math
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,7 @@ from lorafleet.export.compiler.verify import Check, compare_modules, raise_if_fa
 from lorafleet.export.formats.adapter import Adapter, read_adapter, write_adapter
 from lorafleet.export.formats.errors import AdapterError, ConfigError, PackageError
 from lorafleet.export.formats.manifest import MANIFEST_FILE, RUNTIMES, Manifest
-from lorafleet.export.formats.package import PackageSpec, RankRecord, write_package
+from lorafleet.export.formats.package import PackageSpec, RankRecord, rank_paths, write_package
 from lorafleet.export.formats.program import LoraSpec
 from lorafleet.export.formats.quantization import Quantization
 
@@ -216,6 +216,17 @@ def verify_executorch(cfg: ExportConfig, ctx: RankContext, model: Any) -> tuple[
     return model, checks
 
 
+def device_memory(ctx: RankContext, r: int) -> dict[str, dict[str, int]]:
+    """Rank ``r``'s program-derived device-memory prediction per runtime (ExecuTorch: read from the written
+    ``training.pte`` and the shared ``.ptd``; ONNX Runtime has no static memory plan to read, so none)."""
+    training = ctx.writer.root / rank_paths(r)["executorch_training"]
+    if ctx.et_store is None or not training.is_file():
+        return {}
+    from lorafleet.export.compiler.executorch.memory import program_memory
+
+    return {"executorch": program_memory(training, ctx.writer.foundation("executorch"))}
+
+
 def release_memory() -> None:
     """Collect reference cycles and hand freed heap pages back to the OS (glibc), between ranks."""
     import ctypes
@@ -290,8 +301,8 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = lambda _msg: None
         t1 = time.perf_counter()
         weights = quantization.get("weight_memory_bytes")
         records = [RankRecord(r, trainable_parameters(shapes, r),
-                              estimate(section, list(cfg.target_modules), r, cfg.seq_len, cfg.batch_size,
-                                       weight_bytes=weights))
+                              replace(estimate(section, list(cfg.target_modules), r, cfg.seq_len, cfg.batch_size,
+                                               weight_bytes=weights), device_memory=device_memory(ctx, r)))
                    for r in cfg.ranks]
         spec = PackageSpec(section, sorted(cfg.target_modules), cfg.lora_alpha, cfg.seq_len, cfg.batch_size,
                            list(cfg.runtimes), cfg.quantize, quantization=quantization)

@@ -99,6 +99,15 @@ class Estimates:
     training_peak_memory_bytes: int
     flops_per_step: int
     memory_breakdown: dict[str, int] = field(default_factory=dict)
+    # runtime -> the terms of what that runtime on a device holds while the rank trains, read from the lowered
+    # program (executorch: lorafleet.export.compiler.executorch.memory); a runtime not listed has only the formula
+    device_memory: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def device_memory_bytes(self, runtime: str | None = None) -> int:
+        """The predicted training peak on a device running ``runtime``: its program-derived prediction where the
+        package has one, else the formula's ``training_peak_memory_bytes``."""
+        terms = self.device_memory.get(runtime or "")
+        return sum(terms.values()) if terms else self.training_peak_memory_bytes
 
 
 @dataclass(frozen=True)
@@ -221,6 +230,11 @@ def validate_manifest(m: Manifest, origin: str = MANIFEST_FILE) -> None:
         raise PackageError(f"{origin}: onnx_labels must be one of {ONNX_LABELS}, got {m.onnx_labels!r}")
     if not m.ranks or any(x <= 0 for x in m.ranks) or len(set(m.ranks)) != len(m.ranks):
         raise PackageError(f"{origin}: ranks must be distinct positive integers, got {m.ranks}")
+    for r, art in m.artifacts.items():
+        for rt in art.estimates.device_memory:
+            if rt not in m.runtimes:
+                raise PackageError(f"{origin}: artifacts.{r}.estimates.device_memory has runtime {rt!r}, "
+                                   f"which the package does not have (runtimes: {', '.join(m.runtimes)})")
     if not m.target_modules:
         raise PackageError(f"{origin}: target_modules is empty")
     _bounded(origin, "seq_len", m.seq_len, 2, LIMITS["seq_len"])
@@ -374,9 +388,11 @@ class _EstimatesKeys(_Keys):
     memory_breakdown: dict[str, int] = Field(default_factory=dict)
     training_peak_memory_bytes: Bytes
     flops_per_step: Annotated[int, _within(0, LIMITS["flops"])]
+    device_memory: dict[str, dict[str, Bytes]] = Field(default_factory=dict)
 
     def build(self) -> Estimates:
-        return Estimates(self.training_peak_memory_bytes, self.flops_per_step, dict(self.memory_breakdown))
+        return Estimates(self.training_peak_memory_bytes, self.flops_per_step, dict(self.memory_breakdown),
+                         {k: dict(v) for k, v in self.device_memory.items()})
 
 
 class _RankKeys(_Keys):
@@ -473,8 +489,8 @@ def _value(data: Any, path: tuple[str | int, ...]) -> Any:
 
 # Within one rank, the order in which problems are reported, where it is not the models' field order: the
 # rank's own sizes come before its estimates' figures (the estimates object itself, and its breakdown, first).
-_RANK_ORDER = ("estimates", "memory_breakdown", "trainable_parameters", "size_bytes", "training_peak_memory_bytes",
-               "flops_per_step")
+_RANK_ORDER = ("estimates", "memory_breakdown", "device_memory", "trainable_parameters", "size_bytes",
+               "training_peak_memory_bytes", "flops_per_step")
 
 
 def _rank_first(p: Problem) -> Problem:
@@ -518,6 +534,8 @@ def _line(p: Problem, data: Any, origin: str) -> str:
         return f"{where}: module_shapes.{inside[0]} must be [out, in], got {_value(data, (*holder, key, inside[0]))!r}"
     if key == "memory_breakdown":
         return f"{where}: memory_breakdown must map names to integers"
+    if key == "device_memory":
+        return f"{where}: device_memory must map runtimes to {{term: bytes}} objects"
     if p.type == "missing":
         return f"{where}: missing field {key!r}"
     if p.type == _RANGE:

@@ -76,12 +76,17 @@ def _summary(result: object) -> None:
     assert isinstance(result, ExportResult)
     m = result.manifest
     table = Table(title=f"edge package {result.path}")
-    for col in ("rank", "trainable", "own files", "est. train peak", "est. GFLOP/step"):
+    device = sorted({rt for r in m.ranks for rt in m.rank(r).estimates.device_memory})
+    for col in ("rank", "trainable", "own files", "est. train peak", *(f"{rt} device est." for rt in device),
+                "est. GFLOP/step"):
         table.add_column(col, justify="right")
     for r in m.ranks:
         art = m.rank(r)
         table.add_row(str(r), f"{art.trainable_parameters:,}", _mb(art.size_bytes),
-                      _mb(art.estimates.training_peak_memory_bytes), f"{art.estimates.flops_per_step / 1e9:.1f}")
+                      _mb(art.estimates.training_peak_memory_bytes),
+                      *(_mb(art.estimates.device_memory_bytes(rt)) if rt in art.estimates.device_memory else "-"
+                        for rt in device),
+                      f"{art.estimates.flops_per_step / 1e9:.1f}")
     out = console()
     out.print(table)
     for rel, entry in m.shared_files.items():

@@ -71,6 +71,8 @@ def summarize(m: Manifest, path: Path) -> dict[str, Any]:
             "training_peak_memory_bytes": art.estimates.training_peak_memory_bytes,
             "flops_per_step": art.estimates.flops_per_step,
             "memory_breakdown": dict(art.estimates.memory_breakdown),
+            "device_memory": {rt: {**terms, "total": sum(terms.values())}
+                              for rt, terms in art.estimates.device_memory.items()},
             "artifacts": {kind: getattr(art, kind) for kind in ("executorch_inference", "executorch_training",
                                                                  "onnx_training", "adapter")
                           if getattr(art, kind) is not None},
@@ -122,11 +124,16 @@ def _print_summary(s: dict[str, Any]) -> None:
     console.print(f"runtimes: {','.join(s['runtimes'])} (quantize {s['quantize']}); training shape: batch size "
                   f"{s['batch_size']} x seq_len {s['seq_len']}")
     table = Table()
-    for col in ("rank", "trainable", "own files", "est. train peak", "est. GFLOP/step"):
+    device = sorted({rt for r in s["ranks"] for rt in r["device_memory"]})
+    for col in ("rank", "trainable", "own files", "est. train peak", *(f"{rt} device est." for rt in device),
+                "est. GFLOP/step"):
         table.add_column(col, justify="right")
     for r in s["ranks"]:
         table.add_row(str(r["r"]), f"{r['trainable_parameters']:,}", human_size(r["size_bytes"]),
-                      human_size(r["training_peak_memory_bytes"]), f"{r['flops_per_step'] / 1e9:.2f}")
+                      human_size(r["training_peak_memory_bytes"]),
+                      *(human_size(r["device_memory"][rt]["total"]) if rt in r["device_memory"] else "-"
+                        for rt in device),
+                      f"{r['flops_per_step'] / 1e9:.2f}")
     console.print(table)
     for rel, size in s["shared_files"].items():
         console.print(f"shared: {rel} {human_size(size)}")

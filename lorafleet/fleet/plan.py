@@ -91,13 +91,15 @@ class FleetPlan:
     efficiency: float = TRAINING_EFFICIENCY
     predictions: dict[str, list[RankPrediction]] = field(default_factory=dict)  # profile id -> what it was judged on
     rank_distribution: str = "profiler"
+    memory: str = "measured"  # where the predicted peaks came from: measured, or the manifest's <runtime> / formula
 
     def rank_choice_json(self, budgets: Budgets) -> dict[str, Any]:
         """What the report records: how times were emulated (and the host figures used, if any), the budgets,
         each profile's predictions and decision."""
         return {"host": None if self.host is None else self.host.to_json(),
                 "emulation": {"mode": self.emulation, "rank_distribution": self.rank_distribution,
-                              **({"efficiency": self.efficiency} if self.emulation == "flops" else {})},
+                              **({"efficiency": self.efficiency} if self.emulation == "flops" else {}),
+                              "memory": self.memory},
                 "budgets": {"memory_fraction": budgets.memory_fraction,
                             "time_budget_seconds": budgets.time_budget_seconds,
                             "steps_per_round": budgets.steps_per_round},
@@ -138,16 +140,19 @@ def profile_host(pkg: Package, backend: str, budgets: Budgets, *, steps: int = 3
     return HostProfile(profile_device(host, pkg, backend, budgets, steps=steps), backend)
 
 
-def flops_predictions(pkg: Package, profile: DeviceProfile,
-                      efficiency: float = TRAINING_EFFICIENCY) -> list[RankPrediction]:
-    """Every packaged rank on ``profile``, from the package alone: the manifest's estimated training peak and
+def flops_predictions(pkg: Package, profile: DeviceProfile, efficiency: float = TRAINING_EFFICIENCY, *,
+                      backend: str | None = None) -> list[RankPrediction]:
+    """Every packaged rank on ``profile``, from the package alone: the manifest's predicted training peak (the
+    program-derived device memory of ``backend``'s runtime where the package has it, else the formula's) and
     FLOPs per step, the step on the device at ``efficiency`` × its sustained GFLOP/s, the fp32 adapter."""
+    from lorafleet.edge_client.backends import package_runtime
     from lorafleet.edge_client.rank_choice import RankPrediction
 
+    runtime = package_runtime(backend) if backend else None
     out = []
     for r in sorted(pkg.ranks):
         rank = pkg.manifest.rank(r)
-        out.append(RankPrediction(r, rank.estimates.training_peak_memory_bytes,
+        out.append(RankPrediction(r, rank.estimates.device_memory_bytes(runtime),
                                   flops_step_seconds(rank.estimates.flops_per_step, profile.sustained_gflops,
                                                      efficiency), 4 * rank.trainable_parameters))
     return out
@@ -171,7 +176,7 @@ def plausible(predictions: Sequence[RankPrediction], pkg: Package, host_gflops: 
 def plan_fleet(host: HostProfile | None, profiles: Mapping[str, DeviceProfile], mix: Mapping[str, float] | None,
                num_devices: int, budgets: Budgets, seed: int, *, pkg: Package | None = None,
                emulation: str = "measured", rank_distribution: str = "profiler",
-               efficiency: float = TRAINING_EFFICIENCY) -> FleetPlan:
+               efficiency: float = TRAINING_EFFICIENCY, backend: str | None = None) -> FleetPlan:
     """Give every device a profile (by the mix's weights) and every profile its rank (the profiler's rule on
     the ``emulation``'s predictions; see the module docstring), or every device a rank drawn from
     ``rank_distribution``."""
@@ -182,12 +187,14 @@ def plan_fleet(host: HostProfile | None, profiles: Mapping[str, DeviceProfile], 
     if emulation == "flops":
         if pkg is None:
             raise ConfigError("flops emulation needs the package (its per-rank FLOPs and memory estimates)")
-        predictions = {pid: flops_predictions(pkg, p, efficiency) for pid, p in profiles.items()}
+        predictions = {pid: flops_predictions(pkg, p, efficiency, backend=backend) for pid, p in profiles.items()}
+        memory = memory_source(pkg, backend)
         reports = {pid: emulate(p, p.sustained_gflops) for pid, p in profiles.items()}  # time scale 1
         scale_from = {pid: p.sustained_gflops for pid, p in profiles.items()}
     elif emulation == "measured":
         if host is None:
             raise ConfigError("measured emulation needs this host's profile")
+        memory = "measured"
         preds = plausible(host.result.predictions, pkg, host.gflops) if pkg is not None else \
             list(host.result.predictions)
         predictions = {pid: preds for pid in profiles}
@@ -204,7 +211,18 @@ def plan_fleet(host: HostProfile | None, profiles: Mapping[str, DeviceProfile], 
         ranks = sorted(pkg.ranks) if pkg is not None else sorted(x.rank for x in next(iter(predictions.values())))
         devices = [replace(d, rank=r, unable_seconds=None, unable_reason="")
                    for d, r in zip(devices, draw_ranks(num_devices, ranks, rank_distribution, seed), strict=True)]
-    return FleetPlan(host, dict(profiles), decisions, devices, emulation, efficiency, predictions, rank_distribution)
+    return FleetPlan(host, dict(profiles), decisions, devices, emulation, efficiency, predictions, rank_distribution,
+                     memory)
+
+
+def memory_source(pkg: Package, backend: str | None) -> str:
+    """``"<runtime> program"`` when every rank of ``pkg`` has ``backend``'s program-derived device-memory
+    prediction (what :func:`flops_predictions` then uses), else ``"formula"``."""
+    from lorafleet.edge_client.backends import package_runtime
+
+    runtime = package_runtime(backend) if backend else None
+    has = runtime is not None and all(runtime in pkg.manifest.rank(r).estimates.device_memory for r in pkg.ranks)
+    return f"{runtime} program" if has else "formula"
 
 
 def _emulated(pid: str, p: DeviceProfile, decision: RankDecision, host_gflops: float,

@@ -79,7 +79,7 @@ def run_fleet(cfg: FleetConfig, *, progress: FleetProgress | None = None, host: 
     profiles = load_mix(cfg.profiles_dir, cfg.mix)
     prep = prepare(cfg, progress, host)
     plan = plan_fleet(prep.host, profiles, cfg.mix, cfg.devices, prep.budgets, cfg.seed, pkg=prep.package,
-                      emulation=cfg.emulation, rank_distribution=cfg.rank_distribution)
+                      emulation=cfg.emulation, rank_distribution=cfg.rank_distribution, backend=cfg.backend)
     if not any(d.rank for d in plan.devices):
         raise ConfigError(f"no device of the fleet fits any packaged rank of {cfg.model} (ranks "
                           f"{list(cfg.ranks)}): {plan.devices[0].unable_reason}")

@@ -1,0 +1,90 @@
+"""The manifest's ExecuTorch device-memory prediction against measured training peaks, on one package.
+
+    .venv/bin/python bench/device_memory.py PKG [--rank 8] [--steps 3] [--backends native,executorch]
+        [--json docs/bench/device-memory.jsonl]
+
+The prediction is read from the package's own ``training.pte`` and ``foundation.ptd``
+(:func:`lorafleet.export.compiler.executorch.memory.program_memory`, the terms the manifest records since
+2026-12-07; recomputed here, so packages exported before then can be compared too), next to the manifest's
+formula estimate. Measured, each in a fresh process (:func:`lorafleet.edge_client.profiler.measure_rank`, 1
+warm-up step + ``--steps``): ``native`` — the C++ trainer's whole process (VmHWM; no interpreter), and its
+anonymous and file-backed resident memory once the program is loaded (``lorafleet-native info``);
+``executorch`` — the Python ExecuTorch backend's peak above its RSS after importing the runtime (what the
+profiler calls device memory). One JSON row per run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(pkg: Path, rank: int, steps: int, backends: list[str]) -> dict[str, object]:
+    from lorafleet.edge_client.profiler import measure_rank
+    from lorafleet.export.compiler.executorch.memory import program_memory
+    from lorafleet.export.formats.package import open_package
+
+    package = open_package(pkg, verify=False)
+    m = package.manifest
+    predicted = program_memory(package.path_of(rank, "executorch_training"), package.foundation("executorch"))
+    load_before = os.getloadavg()[0]
+    row: dict[str, object] = {
+        "package": str(pkg), "model": m.model.spec, "quantize": m.quantize, "rank": rank,
+        "batch_size": m.batch_size, "seq_len": m.seq_len,
+        "predicted": predicted, "predicted_bytes": sum(predicted.values()),
+        "formula_bytes": m.rank(rank).estimates.training_peak_memory_bytes, "measured": {},
+    }
+    measured: dict[str, object] = {}
+    for backend in backends:
+        r = measure_rank(pkg, rank, backend, steps=steps, timeout=3600)
+        measured[backend] = {"device_memory_bytes": r.device_memory_bytes, "step_seconds": r.step_seconds}
+    if "native" in backends:
+        from lorafleet.edge_client.backends.native_backend import native_binary
+
+        info = json.loads(subprocess.run([str(native_binary()), "info", "--package", str(pkg), "--rank", str(rank)],
+                                         capture_output=True, text=True, check=True).stdout)
+        measured["native_loaded"] = {"rss_anon_bytes": info["rss_anon_bytes"], "rss_file_bytes": info["rss_file_bytes"],
+                                     "planned_bytes": info["planned_bytes"]}
+    row["measured"] = measured
+    row.update(date=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"), host=platform.machine(),
+               cpus=os.cpu_count(), load_1min_before=round(load_before, 2),
+               load_1min_after=round(os.getloadavg()[0], 2))
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("package", type=Path)
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--backends", default="native,executorch")
+    ap.add_argument("--json", type=Path, help="append the row to this JSONL file")
+    a = ap.parse_args()
+    sys.path.insert(0, str(REPO))
+    row = run(a.package, a.rank, a.steps, [b for b in a.backends.split(",") if b])
+    mb = 1e6
+    terms = json.dumps({k: round(v / mb, 1) for k, v in row["predicted"].items()})
+    print(f"{row['model']} {row['quantize']} r{a.rank} {row['batch_size']}x{row['seq_len']}: predicted "
+          f"{row['predicted_bytes'] / mb:.0f} MB {terms}, formula {row['formula_bytes'] / mb:.0f} MB")
+    for name, figures in row["measured"].items():
+        if "device_memory_bytes" in figures:
+            got = figures["device_memory_bytes"]
+            print(f"  {name}: measured {got / mb:.0f} MB; predicted / measured {row['predicted_bytes'] / got:.3f}, "
+                  f"formula / measured {row['formula_bytes'] / got:.3f}")
+        else:
+            print(f"  {name}: {json.dumps(figures)}")
+    if a.json:
+        with open(a.json, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""The manifest's program-derived device-memory prediction of the ExecuTorch training programs
+(lorafleet.export.compiler.executorch.memory), on the shared `random:tiny` package: each term against what the
+model and the package's own files say, and bad programs refused in one line. The runtime's own figure of the
+planned memory is compared in tests/test_native.py (the C++ runtime's MethodMeta); measured peaks at real
+scale are in docs/BENCHMARKS.md "Device memory"."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from lorafleet.export.compiler.executorch.memory import (
+    RUNTIME_OVERHEAD_BYTES,
+    TERMS,
+    foundation_segments,
+    program_memory,
+)
+from lorafleet.export.formats.errors import PackageError
+from lorafleet.export.formats.package import open_package
+
+
+@pytest.fixture(scope="module")
+def pkg(tiny_package):
+    return open_package(tiny_package)
+
+
+def test_every_rank_records_its_training_programs_terms(pkg):
+    foundation = pkg.path / pkg.manifest.executorch_foundation
+    for r in pkg.ranks:
+        est = pkg.manifest.rank(r).estimates
+        terms = est.device_memory["executorch"]
+        assert tuple(terms) == TERMS
+        assert terms == program_memory(pkg.path / pkg.manifest.rank(r).executorch_training, foundation)
+        assert terms["program"] == (pkg.path / pkg.manifest.rank(r).executorch_training).stat().st_size
+        assert terms["runtime"] == RUNTIME_OVERHEAD_BYTES
+        assert est.device_memory_bytes("executorch") == sum(terms.values())
+        # ONNX Runtime has no static memory plan to read: the formula stands for it
+        assert "onnx" not in est.device_memory
+        assert est.device_memory_bytes("onnx") == est.device_memory_bytes(None) == est.training_peak_memory_bytes
+
+
+def test_packed_weights_are_every_frozen_linear_once_per_product_that_reads_it(pkg):
+    """The training program delegates each frozen linear's forward product and its input-gradient product to
+    XNNPACK, and each delegate packs its own copy: two copies of every decoder linear and of the LM head,
+    except layer 0's q/k/v projections, whose input gradient nobody needs (the embedding is frozen)."""
+    m = pkg.manifest.model
+    fp32 = {name: out * inp * 4 for name, (out, inp) in m.module_shapes.items()}
+    head = m.vocab_size * m.hidden_size * 4
+    first_layer_inputs = sum(fp32[n] for n in ("q_proj", "k_proj", "v_proj"))
+    expected = 2 * (m.num_layers * sum(fp32.values()) + head) - first_layer_inputs
+    ranks = sorted(pkg.ranks)
+    for r in ranks:
+        assert pkg.manifest.rank(r).estimates.device_memory["executorch"]["packed"] == expected
+    # the frozen part is the same at every rank; what grows with rank is the planned memory and the program
+    planned = [pkg.manifest.rank(r).estimates.device_memory["executorch"]["planned"] for r in ranks]
+    assert planned == sorted(planned) and planned[0] < planned[-1]
+
+
+def test_mapped_weights_count_each_shared_segment_once(pkg):
+    """The runtime's own kernels read the embedding and the norms in place; names that share a segment (tied
+    embedding and LM head, identical norm weights) are mapped once."""
+    segments = foundation_segments(pkg.path / pkg.manifest.executorch_foundation)
+    mapped = pkg.manifest.rank(min(pkg.ranks)).estimates.device_memory["executorch"]["mapped"]
+    m = pkg.manifest.model
+    assert m.vocab_size * m.hidden_size * 4 <= mapped < sum(size for _, size in segments.values())
+
+
+def test_a_bad_program_or_foundation_is_one_line(pkg, tmp_path):
+    r = min(pkg.ranks)
+    pte = pkg.path / pkg.manifest.rank(r).executorch_training
+    foundation = pkg.path / pkg.manifest.executorch_foundation
+    bad = tmp_path / "training.pte"
+    bad.write_bytes(b"\0" * 64)
+    with pytest.raises(PackageError, match=r"is not an ExecuTorch program \(") as info:
+        program_memory(bad, foundation)
+    assert "\n" not in str(info.value)
+    with pytest.raises(PackageError, match=r"is not an ExecuTorch data file"):
+        program_memory(pte, pte)
+    # a foundation of another package (the same shapes, other keys) does not hold what the program reads
+    other = tmp_path / "other.ptd"
+    shutil.copy(foundation, other)
+    data = bytearray(other.read_bytes())
+    key = next(iter(foundation_segments(foundation))).encode()
+    at = data.find(key)
+    data[at:at + len(key)] = b"x" * len(key)
+    other.write_bytes(bytes(data))
+    with pytest.raises(PackageError, match=r"reads '.*', which the foundation file does not hold"):
+        program_memory(pte, other)
+
+
+def test_package_inspect_shows_the_prediction_beside_the_formula(pkg):
+    from lorafleet.commands.package import summarize
+
+    s = summarize(pkg.manifest, pkg.path)
+    for row in s["ranks"]:
+        est = pkg.manifest.rank(row["r"]).estimates
+        assert row["device_memory"]["executorch"] == {**est.device_memory["executorch"],
+                                                      "total": est.device_memory_bytes("executorch")}
+        assert row["training_peak_memory_bytes"] == est.training_peak_memory_bytes
