@@ -88,8 +88,25 @@ def profile_device(device: DeviceReport, package: Package | None, backend: str, 
     if device.runtimes is not None and runtime not in device.runtimes:
         notes.append(f"{device.name} does not list {backend} among its runtimes ({', '.join(device.runtimes)}): "
                      f"these figures are {backend}'s, measured here")
+    notes += program_memory_notes(package, backend, measured)
     decision.reasons[:0] = fixed_term_reasons(package, backend, measured, mem_fit, time_fit) + notes
     return ProfileResult(device, decision, measured, predictions)
+
+
+def program_memory_notes(package: Package, backend: str, measured: list[RankMeasurement]) -> list[str]:
+    """The manifest's program-derived device memory of each measured rank beside the measurement, where the
+    package has one for ``backend``'s runtime."""
+    from lorafleet.edge_client.backends import package_runtime
+
+    runtime = package_runtime(backend)
+    out = []
+    for m in measured:
+        est = package.manifest.rank(m.rank).estimates
+        if runtime in est.device_memory:
+            out.append(f"rank {m.rank}: the package's {runtime} program predicts "
+                       f"{fmt_bytes(est.device_memory_bytes(runtime))} of device memory (measured here: "
+                       f"{fmt_bytes(m.device_memory_bytes)})")
+    return out
 
 
 def fit_growth(package: Package, measured: list[RankMeasurement],

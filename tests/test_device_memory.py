@@ -98,3 +98,18 @@ def test_package_inspect_shows_the_prediction_beside_the_formula(pkg):
         assert row["device_memory"]["executorch"] == {**est.device_memory["executorch"],
                                                       "total": est.device_memory_bytes("executorch")}
         assert row["training_peak_memory_bytes"] == est.training_peak_memory_bytes
+
+
+def test_the_profiler_puts_the_prediction_beside_what_it_measured(pkg):
+    from lorafleet.edge_client.profiler import RankMeasurement, program_memory_notes
+    from lorafleet.edge_client.rank_choice import fmt_bytes
+
+    r = min(pkg.ranks)
+    measured = [RankMeasurement(r, 123 << 20, 0.1)]
+    for backend in ("executorch", "native"):
+        (note,) = program_memory_notes(pkg, backend, measured)
+        predicted = fmt_bytes(pkg.manifest.rank(r).estimates.device_memory_bytes("executorch"))
+        assert note == (f"rank {r}: the package's executorch program predicts {predicted} of device memory "
+                        f"(measured here: {fmt_bytes(123 << 20)})")
+    assert program_memory_notes(pkg, "onnxruntime", measured) == []
+    assert program_memory_notes(pkg, "torch", measured) == []

@@ -22,7 +22,10 @@ with ``P_matmul`` the weights used in matrix products (every decoder linear plus
 lookup costs none) and the last term the two attention products (QKᵀ and AV: 4·s·nh·hd per token and layer
 forward, twice that backward). ``tests/test_export_lora.py`` checks it against ``torch.utils.flop_counter``
 (it over-counts by the layer-0 input gradient autograd skips, ~1/L of the backward). These are
-estimates for planning (rank choice); ``bench/export.py`` measures real steps.
+estimates for planning (rank choice); ``bench/export.py`` measures real steps. For ExecuTorch the manifest also
+records a prediction read from the lowered program (:mod:`lorafleet.export.compiler.executorch.memory`), which
+the profiler prefers for the ExecuTorch and native backends: with delegated fp32 linears this formula misses
+XNNPACK's second packed copy of every frozen weight (docs/BENCHMARKS.md, "Device memory of a training step").
 """
 
 from __future__ import annotations
