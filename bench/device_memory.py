@@ -37,7 +37,7 @@ def run(pkg: Path, rank: int, steps: int, backends: list[str]) -> dict[str, obje
     predicted = program_memory(package.path_of(rank, "executorch_training"), package.foundation("executorch"))
     load_before = os.getloadavg()[0]
     row: dict[str, object] = {
-        "package": str(pkg), "model": m.model.spec, "quantize": m.quantize, "rank": rank,
+        "package": pkg.name, "model": m.model.spec, "quantize": m.quantize, "rank": rank,
         "batch_size": m.batch_size, "seq_len": m.seq_len,
         "predicted": predicted, "predicted_bytes": sum(predicted.values()),
         "formula_bytes": m.rank(rank).estimates.training_peak_memory_bytes, "measured": {},
