@@ -11,6 +11,13 @@ warm-up step + ``--steps``): ``native`` — the C++ trainer's whole process (VmH
 anonymous and file-backed resident memory once the program is loaded (``lorafleet-native info``);
 ``executorch`` — the Python ExecuTorch backend's peak above its RSS after importing the runtime (what the
 profiler calls device memory). One JSON row per run.
+
+    .venv/bin/python bench/device_memory.py PKG [--rank 8] --delegates
+
+prints, measuring nothing, how the program's XNNPACK delegates make up the ``workspace`` term: how many there are,
+the largest delegate's workspace and how many delegates share that size, the sum over all of them (what one
+workspace per delegate would hold, against the one shared workspace the runtime allocates), and the largest
+delegate's nodes and internal tensors.
 """
 
 from __future__ import annotations
@@ -60,6 +67,30 @@ def run(pkg: Path, rank: int, steps: int, backends: list[str]) -> dict[str, obje
     return row
 
 
+def delegates(pkg: Path, rank: int) -> dict[str, object]:
+    """The XNNPACK delegates of ``rank``'s training program, as the ``workspace`` term sees them."""
+    from executorch.exir._serialize._program import deserialize_pte_binary
+
+    from lorafleet.export.compiler.executorch.memory import workspace_bytes as workspace_of
+    from lorafleet.export.compiler.executorch.memory import xnnpack_graphs
+    from lorafleet.export.formats.package import open_package
+
+    program = deserialize_pte_binary(open_package(pkg, verify=False).path_of(rank, "executorch_training")
+                                     .read_bytes()).program
+    graphs = xnnpack_graphs([bytes(program.backend_delegate_data[d.processed.index].data)
+                             for plan in program.execution_plan for d in plan.delegates or ()
+                             if d.id == "XnnpackBackend"])
+    sizes = [workspace_of(g) for g in graphs]
+    largest = max(sizes, default=0)
+    top = graphs[sizes.index(largest)] if graphs else {}
+    internal = [v["xvalue_union"].get("tensor_value", v["xvalue_union"]) for v in top.get("xvalues") or ()]
+    return {"package": pkg.name, "rank": rank, "delegates": len(graphs), "largest_workspace_bytes": largest,
+            "delegates_of_largest_size": sizes.count(largest), "sum_of_workspaces_bytes": sum(sizes),
+            "largest_nodes": [n["xnode_union_type"] for n in top.get("xnodes") or ()],
+            "largest_internal_tensors": [t.get("dims") for t in internal if t.get("external_id") == 0xFFFFFFFF
+                                         and not t.get("constant_buffer_idx")]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("package", type=Path)
@@ -67,8 +98,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--backends", default="native,executorch")
     ap.add_argument("--json", type=Path, help="append the row to this JSONL file")
+    ap.add_argument("--delegates", action="store_true", help="describe the XNNPACK delegates; measure nothing")
     a = ap.parse_args()
     sys.path.insert(0, str(REPO))
+    if a.delegates:
+        print(json.dumps(delegates(a.package, a.rank)))
+        return
     row = run(a.package, a.rank, a.steps, [b for b in a.backends.split(",") if b])
     mb = 1e6
     terms = json.dumps({k: round(v / mb, 1) for k, v in row["predicted"].items()})
