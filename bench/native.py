@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 PYTHON_SIDE = r"""
 import json, sys, time
-from lorafleet.edge_client.memory import current_rss_bytes, peak_rss_bytes, reset_peak_rss
+from lorafleet.export.runtime.memory import current_rss_bytes, peak_rss_bytes, reset_peak_rss
 import executorch.extension.training, executorch.runtime  # the runtime's libraries before the baseline
 from lorafleet.edge_client.backends import OptimizerConfig, make_backend
 from lorafleet.edge_client.data import Batch

@@ -79,9 +79,9 @@ def step_child(package: str, rank: int, runtime: str) -> dict[str, Any]:
 
     from lorafleet.edge_client.backends.base import OptimizerConfig
     from lorafleet.edge_client.data import Batch
-    from lorafleet.edge_client.memory import current_rss_bytes, peak_rss_bytes, reset_peak_rss
     from lorafleet.export.compiler.loss import example_batch
     from lorafleet.export.formats.package import open_package
+    from lorafleet.export.runtime.memory import current_rss_bytes, peak_rss_bytes, reset_peak_rss
 
     if runtime == "executorch":
         import executorch.extension.training  # noqa: F401

@@ -26,6 +26,7 @@ from typing import Any
 from lorafleet.edge_client.device import DeviceReport
 from lorafleet.edge_client.rank_choice import Budgets, RankDecision, RankPrediction, choose_rank, fmt_bytes
 from lorafleet.export.formats.errors import LorafleetError
+from lorafleet.export.formats.manifest import DEVICE_MEMORY_SOURCE
 from lorafleet.export.formats.package import Package
 
 
@@ -94,8 +95,8 @@ def profile_device(device: DeviceReport, package: Package | None, backend: str, 
 
 
 def program_memory_notes(package: Package, backend: str, measured: list[RankMeasurement]) -> list[str]:
-    """The manifest's program-derived device memory of each measured rank beside the measurement, where the
-    package has one for ``backend``'s runtime."""
+    """The manifest's device memory of each measured rank's step for ``backend``'s runtime (read from the program
+    or measured at export, :data:`DEVICE_MEMORY_SOURCE`) beside the measurement, where the package has one."""
     from lorafleet.edge_client.backends import package_runtime
 
     runtime = package_runtime(backend)
@@ -103,8 +104,9 @@ def program_memory_notes(package: Package, backend: str, measured: list[RankMeas
     for m in measured:
         est = package.manifest.rank(m.rank).estimates
         if runtime in est.device_memory:
-            out.append(f"rank {m.rank}: the package's {runtime} program predicts "
-                       f"{fmt_bytes(est.device_memory_bytes(runtime))} of device memory (measured here: "
+            how = DEVICE_MEMORY_SOURCE.get(runtime, "recorded")
+            out.append(f"rank {m.rank}: the package's {runtime} training step needs "
+                       f"{fmt_bytes(est.device_memory_bytes(runtime))} of device memory ({how}; measured here: "
                        f"{fmt_bytes(m.device_memory_bytes)})")
     return out
 
@@ -112,7 +114,7 @@ def program_memory_notes(package: Package, backend: str, measured: list[RankMeas
 def fit_growth(package: Package, measured: list[RankMeasurement],
                backend: str | None = None) -> tuple[LinearFit, LinearFit]:
     """Peak bytes and step seconds as linear functions of rank (one measurement: the manifest's slopes, from
-    ``backend``'s program-derived device-memory prediction where the package has one)."""
+    the device memory of ``backend``'s runtime where the package records it)."""
     if len(measured) >= 2:
         rs = [float(m.rank) for m in measured]
         mem = fit_linear(rs, [float(m.device_memory_bytes) for m in measured])
@@ -159,7 +161,7 @@ def fixed_term_reasons(package: Package, backend: str, measured: list[RankMeasur
 
 def _manifest_slopes(package: Package, backend: str | None = None) -> tuple[float, float]:
     """Bytes per rank and the per-rank share of step FLOPs, from the manifest's estimates (memory: ``backend``'s
-    program-derived prediction where the package has one, else the formula)."""
+    runtime's recorded device memory where the package has it, else the formula)."""
     from lorafleet.edge_client.backends import package_runtime
 
     ranks = sorted(package.ranks)
@@ -199,8 +201,8 @@ def _measure_here(package_path: str, rank: int, backend: str, steps: int, warmup
 
     from lorafleet.edge_client.backends import OptimizerConfig, make_backend
     from lorafleet.edge_client.data import Batch
-    from lorafleet.edge_client.memory import current_rss_bytes, peak_rss_bytes, reset_peak_rss
     from lorafleet.export.formats.package import open_package
+    from lorafleet.export.runtime.memory import current_rss_bytes, peak_rss_bytes, reset_peak_rss
 
     pkg = open_package(package_path, verify=False)  # the parent verified it
     m = pkg.manifest

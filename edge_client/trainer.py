@@ -19,13 +19,13 @@ from typing import Any
 
 from lorafleet.edge_client.backends import BACKENDS, OptimizerConfig, TrainingBackend, make_backend
 from lorafleet.edge_client.data import Example, batches, encode_all
-from lorafleet.edge_client.memory import peak_rss_bytes, reset_peak_rss
 from lorafleet.edge_client.self_prune import PruneDecision, SelfPruneConfig, regularizer_step
 from lorafleet.edge_client.self_prune import self_prune as apply_self_prune
 from lorafleet.export.formats.adapter import Adapter, conform
 from lorafleet.export.formats.errors import ConfigError
 from lorafleet.export.formats.package import Package, open_package
 from lorafleet.export.formats.program import LoraSpec
+from lorafleet.export.runtime.memory import peak_rss_bytes, reset_peak_rss
 
 COMPILED = ("executorch", "onnxruntime", "native")  # backends whose programs have a fixed batch shape
 

@@ -1,8 +1,10 @@
-"""The manifest's program-derived device-memory prediction of the ExecuTorch training programs
-(lorafleet.export.compiler.executorch.memory), on the shared `random:tiny` package: each term against what the
-model and the package's own files say, and bad programs refused in one line. The runtime's own figure of the
-planned memory is compared in tests/test_native.py (the C++ runtime's MethodMeta); measured peaks at real
-scale are in docs/BENCHMARKS.md "Device memory"."""
+"""The manifest's device-memory figures of a training step, on the shared `random:tiny` package.
+
+ExecuTorch's, read from the lowered programs (lorafleet.export.compiler.executorch.memory): each term against what
+the model and the package's own files say, and bad programs refused in one line. ONNX Runtime's, measured at
+export in a fresh process (lorafleet.export.compiler.onnx.memory): against the profiler's own measurement. The
+runtime's own figure of the planned memory is compared in tests/test_native.py (the C++ runtime's MethodMeta);
+measured peaks at real scale are in docs/BENCHMARKS.md "Device memory"."""
 
 from __future__ import annotations
 
@@ -35,9 +37,7 @@ def test_every_rank_records_its_training_programs_terms(pkg):
         assert terms["program"] == (pkg.path / pkg.manifest.rank(r).executorch_training).stat().st_size
         assert terms["runtime"] == RUNTIME_OVERHEAD_BYTES
         assert est.device_memory_bytes("executorch") == sum(terms.values())
-        # ONNX Runtime has no static memory plan to read: the formula stands for it
-        assert "onnx" not in est.device_memory
-        assert est.device_memory_bytes("onnx") == est.device_memory_bytes(None) == est.training_peak_memory_bytes
+        assert est.device_memory_bytes(None) == est.training_peak_memory_bytes  # no runtime: the formula
 
 
 def test_packed_weights_are_every_frozen_linear_once_per_product_that_reads_it(pkg):
@@ -106,10 +106,50 @@ def test_the_profiler_puts_the_prediction_beside_what_it_measured(pkg):
 
     r = min(pkg.ranks)
     measured = [RankMeasurement(r, 123 << 20, 0.1)]
-    for backend in ("executorch", "native"):
+    for backend, runtime in (("executorch", "executorch"), ("native", "executorch"), ("onnxruntime", "onnx")):
         (note,) = program_memory_notes(pkg, backend, measured)
-        predicted = fmt_bytes(pkg.manifest.rank(r).estimates.device_memory_bytes("executorch"))
-        assert note == (f"rank {r}: the package's executorch program predicts {predicted} of device memory "
-                        f"(measured here: {fmt_bytes(123 << 20)})")
-    assert program_memory_notes(pkg, "onnxruntime", measured) == []
+        predicted = fmt_bytes(pkg.manifest.rank(r).estimates.device_memory_bytes(runtime))
+        how = "read from its program" if runtime == "executorch" else "measured at export"
+        assert note == (f"rank {r}: the package's {runtime} training step needs {predicted} of device memory "
+                        f"({how}; measured here: {fmt_bytes(123 << 20)})")
     assert program_memory_notes(pkg, "torch", measured) == []
+
+
+
+# --- ONNX Runtime: measured at export (lorafleet.export.compiler.onnx.memory) ------------------------------
+
+def test_every_onnx_rank_records_its_measured_step(pkg):
+    from lorafleet.export.compiler.onnx.memory import TERMS as ORT_TERMS
+
+    for r in pkg.ranks:
+        est = pkg.manifest.rank(r).estimates
+        terms = est.device_memory["onnx"]
+        assert tuple(terms) == ORT_TERMS and all(v > 0 for v in terms.values())
+        assert est.device_memory_bytes("onnx") == sum(terms.values())
+        # the runtime's own figure, not the formula's (a tiny model's step is mostly the runtime's overhead)
+        assert est.device_memory_bytes("onnx") != est.training_peak_memory_bytes
+
+
+def test_the_onnx_figure_is_what_the_profiler_measures(pkg):
+    """Export's measurement and the profiler's fresh-process measurement of the same rank (another code path: the
+    package opened and trained through the onnxruntime backend) agree."""
+    from lorafleet.edge_client.profiler import measure_rank
+
+    r = max(pkg.ranks)
+    recorded = pkg.manifest.rank(r).estimates.device_memory_bytes("onnx")
+    measured = measure_rank(pkg.path, r, "onnxruntime", steps=3, warmup=1).device_memory_bytes
+    assert abs(recorded - measured) <= 0.25 * measured + (4 << 20), (recorded, measured)
+
+
+def test_a_bad_onnx_artifact_directory_is_one_line(pkg, tmp_path):
+    from lorafleet.export.compiler.onnx.memory import program_memory as onnx_memory
+
+    art = tmp_path / "rank"
+    shutil.copytree(pkg.path_of(min(pkg.ranks), "onnx_training"), art)
+    (art / "training_model.onnx").write_bytes(b"not a graph")
+    with pytest.raises(PackageError, match=r"ONNX Runtime's training step could not be measured: ") as info:
+        onnx_memory(art, (pkg.manifest.batch_size, pkg.manifest.seq_len))
+    assert "\n" not in str(info.value)
+    (art / "checkpoint").unlink()
+    with pytest.raises(PackageError, match=r"has no checkpoint$"):
+        onnx_memory(art, (pkg.manifest.batch_size, pkg.manifest.seq_len))

@@ -4,7 +4,7 @@ import mmap
 
 import numpy as np
 
-from lorafleet.edge_client.memory import current_rss_bytes, peak_rss_bytes, reset_peak_rss
+from lorafleet.export.runtime.memory import current_rss_bytes, peak_rss_bytes, reset_peak_rss
 
 MIB = 1 << 20
 

@@ -148,7 +148,7 @@ class NativeBackend:
     def peak_rss_bytes(self) -> int:
         """The tool process's peak resident memory (``VmHWM``): the device side's whole footprint — runtime,
         program, planned memory and the foundation pages it touched — with no interpreter in it."""
-        from lorafleet.edge_client.memory import peak_rss_bytes
+        from lorafleet.export.runtime.memory import peak_rss_bytes
 
         return peak_rss_bytes(self._proc.pid)
 

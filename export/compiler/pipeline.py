@@ -216,15 +216,24 @@ def verify_executorch(cfg: ExportConfig, ctx: RankContext, model: Any) -> tuple[
     return model, checks
 
 
-def device_memory(ctx: RankContext, r: int) -> dict[str, dict[str, int]]:
-    """Rank ``r``'s program-derived device-memory prediction per runtime (ExecuTorch: read from the written
-    ``training.pte`` and the shared ``.ptd``; ONNX Runtime has no static memory plan to read, so none)."""
-    training = ctx.writer.root / rank_paths(r)["executorch_training"]
-    if ctx.et_store is None or not training.is_file():
-        return {}
-    from lorafleet.export.compiler.executorch.memory import program_memory
+def device_memory(cfg: ExportConfig, ctx: RankContext, r: int) -> dict[str, dict[str, int]]:
+    """Rank ``r``'s device memory of a training step per runtime. ExecuTorch: read from the written
+    ``training.pte`` and the shared ``.ptd``; ONNX Runtime, which stores no memory plan: measured in a fresh
+    process training the written artifacts (:mod:`lorafleet.export.compiler.onnx.memory`)."""
+    paths = rank_paths(r)
+    out: dict[str, dict[str, int]] = {}
+    training = ctx.writer.root / paths["executorch_training"]
+    if ctx.et_store is not None and training.is_file():
+        from lorafleet.export.compiler.executorch.memory import program_memory
 
-    return {"executorch": program_memory(training, ctx.writer.foundation("executorch"))}
+        out["executorch"] = ctx.timed("verify", program_memory, training, ctx.writer.foundation("executorch"))
+    artifacts = ctx.writer.root / paths["onnx_training"]
+    if ctx.onnx_shared is not None and artifacts.is_dir():
+        from lorafleet.export.compiler.onnx.memory import program_memory as onnx_memory
+
+        ctx.log(f"rank {r}: measure ONNX Runtime's device memory of a training step")
+        out["onnx"] = ctx.timed("verify", onnx_memory, artifacts, (cfg.batch_size, cfg.seq_len))
+    return out
 
 
 def release_memory() -> None:
@@ -298,11 +307,12 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = lambda _msg: None
             model, et_checks = verify_executorch(cfg, ctx, model)
             checks += et_checks
         raise_if_failed(checks)
+        device = {r: device_memory(cfg, ctx, r) for r in cfg.ranks}
         t1 = time.perf_counter()
         weights = quantization.get("weight_memory_bytes")
         records = [RankRecord(r, trainable_parameters(shapes, r),
                               replace(estimate(section, list(cfg.target_modules), r, cfg.seq_len, cfg.batch_size,
-                                               weight_bytes=weights), device_memory=device_memory(ctx, r)))
+                                               weight_bytes=weights), device_memory=device[r]))
                    for r in cfg.ranks]
         spec = PackageSpec(section, sorted(cfg.target_modules), cfg.lora_alpha, cfg.seq_len, cfg.batch_size,
                            list(cfg.runtimes), cfg.quantize, quantization=quantization)

@@ -88,6 +88,11 @@ class ModelSection:
         object.__setattr__(self, "module_shapes", {k: (int(v[0]), int(v[1])) for k, v in self.module_shapes.items()})
 
 
+# How export obtains each runtime's ``Estimates.device_memory``: ExecuTorch stores its memory plan in the program;
+# ONNX Runtime plans at run time, so its step is measured (lorafleet.export.compiler.executorch.memory / .onnx.memory)
+DEVICE_MEMORY_SOURCE = {"executorch": "read from its program", "onnx": "measured at export"}
+
+
 @dataclass(frozen=True)
 class Estimates:
     """Per-rank training cost estimates for one step of ``batch_size`` × ``seq_len`` tokens.
@@ -99,13 +104,13 @@ class Estimates:
     training_peak_memory_bytes: int
     flops_per_step: int
     memory_breakdown: dict[str, int] = field(default_factory=dict)
-    # runtime -> the terms of what that runtime on a device holds while the rank trains, read from the lowered
-    # program (executorch: lorafleet.export.compiler.executorch.memory); a runtime not listed has only the formula
+    # runtime -> the terms of what that runtime on a device holds while the rank trains (DEVICE_MEMORY_SOURCE: how
+    # each runtime's figure is obtained); a runtime not listed has only the formula
     device_memory: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def device_memory_bytes(self, runtime: str | None = None) -> int:
-        """The predicted training peak on a device running ``runtime``: its program-derived prediction where the
-        package has one, else the formula's ``training_peak_memory_bytes``."""
+        """The predicted training peak on a device running ``runtime``: its recorded device memory where the
+        package has it (:data:`DEVICE_MEMORY_SOURCE`), else the formula's ``training_peak_memory_bytes``."""
         terms = self.device_memory.get(runtime or "")
         return sum(terms.values()) if terms else self.training_peak_memory_bytes
 

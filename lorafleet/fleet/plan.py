@@ -143,7 +143,7 @@ def profile_host(pkg: Package, backend: str, budgets: Budgets, *, steps: int = 3
 def flops_predictions(pkg: Package, profile: DeviceProfile, efficiency: float = TRAINING_EFFICIENCY, *,
                       backend: str | None = None) -> list[RankPrediction]:
     """Every packaged rank on ``profile``, from the package alone: the manifest's predicted training peak (the
-    program-derived device memory of ``backend``'s runtime where the package has it, else the formula's) and
+    device memory of ``backend``'s runtime where the package records it, else the formula's) and
     FLOPs per step, the step on the device at ``efficiency`` × its sustained GFLOP/s, the fp32 adapter."""
     from lorafleet.edge_client.backends import package_runtime
     from lorafleet.edge_client.rank_choice import RankPrediction
@@ -216,8 +216,8 @@ def plan_fleet(host: HostProfile | None, profiles: Mapping[str, DeviceProfile], 
 
 
 def memory_source(pkg: Package, backend: str | None) -> str:
-    """``"<runtime> program"`` when every rank of ``pkg`` has ``backend``'s program-derived device-memory
-    prediction (what :func:`flops_predictions` then uses), else ``"formula"``."""
+    """``"<runtime> program"`` when every rank of ``pkg`` records the device memory of ``backend``'s runtime
+    (read from its program or measured at export; what :func:`flops_predictions` then uses), else ``"formula"``."""
     from lorafleet.edge_client.backends import package_runtime
 
     runtime = package_runtime(backend) if backend else None
