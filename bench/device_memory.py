@@ -1,7 +1,7 @@
-"""The manifest's ExecuTorch device-memory prediction against measured training peaks, on one package.
+"""The manifest's device-memory figure of a training step against measured training peaks, on one package.
 
-    .venv/bin/python bench/device_memory.py PKG [--rank 8] [--steps 3] [--backends native,executorch]
-        [--json docs/bench/device-memory.jsonl]
+    .venv/bin/python bench/device_memory.py PKG [--rank 8] [--steps 3] [--runtime executorch|onnx]
+        [--backends native,executorch] [--json docs/bench/device-memory.jsonl]
 
 The prediction is read from the package's own ``training.pte`` and ``foundation.ptd``
 (:func:`lorafleet.export.compiler.executorch.memory.program_memory`, the terms the manifest records since
@@ -11,6 +11,10 @@ warm-up step + ``--steps``): ``native`` — the C++ trainer's whole process (VmH
 anonymous and file-backed resident memory once the program is loaded (``lorafleet-native info``);
 ``executorch`` — the Python ExecuTorch backend's peak above its RSS after importing the runtime (what the
 profiler calls device memory). One JSON row per run.
+
+``--runtime onnx`` (backends default ``onnxruntime``): the figure is ONNX Runtime's, measured again as export
+measures it (:func:`lorafleet.export.compiler.onnx.memory.program_memory`: a fresh process opening the rank's
+session and training 3 steps), against the profiler's measurement through the onnxruntime backend.
 
     .venv/bin/python bench/device_memory.py PKG [--rank 8] --delegates
 
@@ -34,17 +38,23 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run(pkg: Path, rank: int, steps: int, backends: list[str]) -> dict[str, object]:
+def run(pkg: Path, rank: int, steps: int, backends: list[str], runtime: str = "executorch") -> dict[str, object]:
     from lorafleet.edge_client.profiler import measure_rank
-    from lorafleet.export.compiler.executorch.memory import program_memory
     from lorafleet.export.formats.package import open_package
 
     package = open_package(pkg, verify=False)
     m = package.manifest
-    predicted = program_memory(package.path_of(rank, "executorch_training"), package.foundation("executorch"))
+    if runtime == "onnx":
+        from lorafleet.export.compiler.onnx.memory import program_memory as onnx_memory
+
+        predicted = onnx_memory(package.path_of(rank, "onnx_training"), (m.batch_size, m.seq_len))
+    else:
+        from lorafleet.export.compiler.executorch.memory import program_memory
+
+        predicted = program_memory(package.path_of(rank, "executorch_training"), package.foundation("executorch"))
     load_before = os.getloadavg()[0]
     row: dict[str, object] = {
-        "package": pkg.name, "model": m.model.spec, "quantize": m.quantize, "rank": rank,
+        "package": pkg.name, "runtime": runtime, "model": m.model.spec, "quantize": m.quantize, "rank": rank,
         "batch_size": m.batch_size, "seq_len": m.seq_len,
         "predicted": predicted, "predicted_bytes": sum(predicted.values()),
         "formula_bytes": m.rank(rank).estimates.training_peak_memory_bytes, "measured": {},
@@ -96,7 +106,8 @@ def main() -> None:
     ap.add_argument("package", type=Path)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--backends", default="native,executorch")
+    ap.add_argument("--runtime", choices=("executorch", "onnx"), default="executorch")
+    ap.add_argument("--backends", help="default: native,executorch (onnxruntime for --runtime onnx)")
     ap.add_argument("--json", type=Path, help="append the row to this JSONL file")
     ap.add_argument("--delegates", action="store_true", help="describe the XNNPACK delegates; measure nothing")
     a = ap.parse_args()
@@ -104,7 +115,8 @@ def main() -> None:
     if a.delegates:
         print(json.dumps(delegates(a.package, a.rank)))
         return
-    row = run(a.package, a.rank, a.steps, [b for b in a.backends.split(",") if b])
+    backends = a.backends or ("onnxruntime" if a.runtime == "onnx" else "native,executorch")
+    row = run(a.package, a.rank, a.steps, [b for b in backends.split(",") if b], a.runtime)
     mb = 1e6
     terms = json.dumps({k: round(v / mb, 1) for k, v in row["predicted"].items()})
     print(f"{row['model']} {row['quantize']} r{a.rank} {row['batch_size']}x{row['seq_len']}: predicted "

@@ -44,6 +44,10 @@ class Rates:
     onnx_rank_s_per_layer: float = 0.30  # SmolLM2-135M (30 layers, 0.54 GB): 14.4 s
     onnx_rank_s_per_gb: float = 7.8  # Llama-3.2-1B-shaped (16 layers, 4.94 GB): 44.6 s
     onnx_rank_s_per_gb_quantized: float = 18.0  # random:qwen2.5-0.5b int4 (24 layers, 1.98 GB): 45 s, quantizing too
+    # measuring ONNX Runtime's device memory of a step in a fresh process (2026-12-07): random:tiny 5 s (importing
+    # ORT), SmolLM2-135M fp32 about 20 s, Llama-3.2-1B-shaped int4 about 100 s beside other jobs
+    onnx_measure_s: float = 5.0
+    onnx_measure_s_per_gb: float = 20.0
     et_rank_s: float = 4.6  # ExecuTorch lowering of both programs + verification, per rank
     et_rank_s_per_layer: float = 5.7  # random:tiny (2 layers): 16 s; SmolLM2-135M (30 layers, 0.54 GB): 195 s
     et_rank_s_per_gb: float = 35.2  # Llama-3.2-1B-shaped (16 layers, 4.94 GB): 270 s
@@ -134,7 +138,8 @@ def plan_export(cfg: Any, rates: Rates = RATES) -> ExportPlan:
     seconds = {"load": rates.load_s + rates.load_s_per_gb * gb}
     if "onnx" in cfg.runtimes:
         per_gb = rates.onnx_rank_s_per_gb_quantized if q.enabled else rates.onnx_rank_s_per_gb
-        seconds["onnx"] = n * (rates.onnx_rank_s + rates.onnx_rank_s_per_layer * layers + per_gb * gb)
+        seconds["onnx"] = n * (rates.onnx_rank_s + rates.onnx_rank_s_per_layer * layers + per_gb * gb
+                               + rates.onnx_measure_s + rates.onnx_measure_s_per_gb * gb)
     if "executorch" in cfg.runtimes:
         per_rank = rates.et_rank_s + rates.et_rank_s_per_layer * layers + rates.et_rank_s_per_gb * gb
         seconds["executorch"] = n * per_rank * (rates.et_quantized_factor if q.enabled else 1.0)

@@ -3,11 +3,10 @@
 ExecuTorch stores its memory plan in the program, so its prediction is read from the file
 (:mod:`lorafleet.export.compiler.executorch.memory`). ONNX Runtime stores none: it optimizes the training graph when
 a session opens and plans and allocates its buffers on the first steps, so what it holds comes from running it. A
-reading of the plan from the files was tried and undercounts: the liveness of every kernel output in ORT's
-execution order (sizes from ORT's profiler, views aliased, the optimized graph saved by the session) gave 120 MB
-of intermediates at once for an int4 SmolLM2-135M rank-16 step at 1 × 64, where ORT's allocations rose by
-255 MB (arena and memory pattern off, every large block its own mapping, so RSS counted allocations exactly)
-and 504 MB with lorafleet's session options (docs/BENCHMARKS.md "Device memory of a training step").
+reading of the plan from what ran undercounts (``bench/ort_liveness.py``: the liveness of every kernel output in
+ORT's execution order, sizes from ORT's profiler, views aliased): for an int4 SmolLM2-135M rank-16 step at 1 × 64
+it gives 223 MB with the foundation, LoRA tensors and graphs, where ORT's allocations counted exactly reach 342 MB
+and 503 MB with lorafleet's session options (docs/BENCHMARKS.md "ONNX Runtime: measured at export").
 
 So export measures it, in a fresh process per rank that does what a device app does: import the runtime (the
 baseline), open the rank's training session and AdamW optimizer with lorafleet's session options, train
