@@ -169,7 +169,7 @@ def _manifest_slopes(package: Package, backend: str | None = None) -> tuple[floa
     if len(ranks) < 2:
         return 0.0, 0.0
     dr = ranks[-1] - ranks[0]
-    runtime = package_runtime(backend) if backend else None
+    runtime = package_runtime(backend)
     mem = (est[-1].device_memory_bytes(runtime) - est[0].device_memory_bytes(runtime)) / dr
     flops = (est[-1].flops_per_step - est[0].flops_per_step) / dr / max(est[0].flops_per_step, 1)
     return max(mem, 0.0), max(flops, 0.0)

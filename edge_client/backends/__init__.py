@@ -20,9 +20,10 @@ __all__ = ["BACKENDS", "AdamW", "OptimizerConfig", "TrainingBackend", "make_back
 _PACKAGE_RUNTIME = {"executorch": "executorch", "native": "executorch", "onnxruntime": "onnx"}
 
 
-def package_runtime(backend: str) -> str | None:
-    """The package runtime (``Manifest.runtimes``) whose programs ``backend`` runs; ``None`` for torch."""
-    return _PACKAGE_RUNTIME.get(backend)
+def package_runtime(backend: str | None) -> str | None:
+    """The package runtime (``Manifest.runtimes``) whose programs ``backend`` runs; ``None`` for torch (or no
+    backend)."""
+    return _PACKAGE_RUNTIME.get(backend) if backend else None
 
 
 def make_backend(name: str, package: Package, rank: int, optimizer: OptimizerConfig, *,

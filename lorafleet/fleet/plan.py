@@ -148,7 +148,7 @@ def flops_predictions(pkg: Package, profile: DeviceProfile, efficiency: float = 
     from lorafleet.edge_client.backends import package_runtime
     from lorafleet.edge_client.rank_choice import RankPrediction
 
-    runtime = package_runtime(backend) if backend else None
+    runtime = package_runtime(backend)
     out = []
     for r in sorted(pkg.ranks):
         rank = pkg.manifest.rank(r)
@@ -220,7 +220,7 @@ def memory_source(pkg: Package, backend: str | None) -> str:
     (read from its program or measured at export; what :func:`flops_predictions` then uses), else ``"formula"``."""
     from lorafleet.edge_client.backends import package_runtime
 
-    runtime = package_runtime(backend) if backend else None
+    runtime = package_runtime(backend)
     has = runtime is not None and all(runtime in pkg.manifest.rank(r).estimates.device_memory for r in pkg.ranks)
     return f"{runtime} program" if has else "formula"
 
