@@ -115,7 +115,6 @@ def test_the_profiler_puts_the_prediction_beside_what_it_measured(pkg):
     assert program_memory_notes(pkg, "torch", measured) == []
 
 
-
 # --- ONNX Runtime: measured at export (lorafleet.export.compiler.onnx.memory) ------------------------------
 
 def test_every_onnx_rank_records_its_measured_step(pkg):
