@@ -41,12 +41,10 @@ class TorchBackend:
         self.device = torch_device(device)
         self.rank, self.model_spec = rank, model_spec
         self.spec = LoraSpec(rank, tuple(sorted(target_modules)), float(lora_alpha), use_rslora)
-        base = load_model(model_spec, attn_implementation="eager", with_tokenizer=False).model
-        quantization = Quantization.parse(quantize)
-        if quantization.enabled:  # the package's quantized base: the same bytes its programs compute with
-            from lorafleet.export.compiler.quantize import quantize_model
-
-            quantize_model(base, quantization)
+        # a quantized base is the package's: the same bytes its programs compute with (streamed from the
+        # checkpoint when the spec has one, so the fp32 model is never held whole)
+        base = load_model(model_spec, attn_implementation="eager", with_tokenizer=False,
+                          quantization=Quantization.parse(quantize)).model
         self.model = attach_lora(base, self.spec, seed=seed).to(self.device)
         self.model.train()
         layers = lora_modules(self.model)  # adapter module name -> PEFT LoRA layer

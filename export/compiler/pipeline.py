@@ -138,27 +138,40 @@ def read_init_adapter(cfg: ExportConfig) -> Adapter | None:
 
 
 def load(cfg: ExportConfig) -> Any:
-    """The foundation model, fp32, eager attention (SDPA's backward is not core ATen); with its tokenizer
-    when the base is quantized (the quality check reads a fixed text)."""
-    from lorafleet.export.compiler.models import load_model
+    """The foundation model, eager attention (SDPA's backward is not core ATen); with its tokenizer when the
+    base is quantized (the quality check reads a fixed text). A quantized base with a safetensors checkpoint
+    is streamed from it, quantized as it is read (never whole in fp32); any other spec loads in fp32 and is
+    quantized by :func:`quantize_base`."""
+    from lorafleet.export.compiler.models import has_checkpoint, load_model
 
-    lm = load_model(cfg.model, attn_implementation="eager", with_tokenizer=cfg.quantization.enabled)
-    if cfg.quantization.enabled:
+    q = cfg.quantization
+    streamed = q.enabled and has_checkpoint(cfg.model)
+    lm = load_model(cfg.model, attn_implementation="eager", with_tokenizer=q.enabled,
+                    quantization=q if streamed else None)
+    if q.enabled and not streamed:
         from lorafleet.export.compiler.quantize import check_quantizable
 
-        check_quantizable(lm.model, cfg.quantization)
+        check_quantizable(lm.model, q)
     return lm
 
 
-def quantize_base(model: Any, q: Quantization, tokenizer: Any, seq_len: int) -> dict[str, Any]:
-    """Quantize ``model`` in place; the manifest's ``quantization`` section (what was quantized, the stored
-    bytes, the weight memory of a step, and what it costs against fp32 on a fixed text)."""
+def quantize_base(lm: Any, q: Quantization, seq_len: int) -> dict[str, Any]:
+    """The manifest's ``quantization`` section (what was quantized, the stored bytes, the weight memory of a
+    step, and what it costs against fp32 on a fixed text), quantizing ``lm.model`` in place unless it was
+    loaded quantized; then the fp32 reference is computed module by module from the checkpoint."""
     from lorafleet.export.compiler.quantize import quality_probe, quantize_model
 
-    probe = quality_probe(model, tokenizer, seq_len)
-    summary = quantize_model(model, q)
+    if lm.quantization is None:
+        probe = quality_probe(lm.model, lm.tokenizer, seq_len)
+        summary = quantize_model(lm.model, q)
+    else:
+        from lorafleet.export.compiler.models import fp32_reference
+
+        with fp32_reference(lm.info.spec, attn_implementation="eager") as fp32:
+            probe = quality_probe(fp32, lm.tokenizer, seq_len)
+        summary = lm.quantization
     assert summary is not None
-    return {**summary.to_dict(), "against_fp32": probe.finish(model)}  # weight_memory_bytes: the estimates' term
+    return {**summary.to_dict(), "against_fp32": probe.finish(lm.model)}  # weight_memory_bytes: the estimates' term
 
 
 def check_targets(model: Any, cfg: ExportConfig, init: Adapter | None) -> dict[str, tuple[int, int]]:
@@ -284,7 +297,7 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = lambda _msg: None
     if cfg.quantization.enabled:
         log(f"quantize the base weights ({cfg.quantize})")
         t0 = time.perf_counter()
-        quantization = quantize_base(model, cfg.quantization, lm.tokenizer, cfg.seq_len)
+        quantization = quantize_base(lm, cfg.quantization, cfg.seq_len)
         seconds["quantize"] = time.perf_counter() - t0
     with write_package(cfg.out, overwrite=cfg.force) as writer, contextlib.ExitStack() as stack:
         ctx = RankContext(writer, batch, seconds, log, modules=frozenset(shapes))

@@ -52,12 +52,10 @@ class Evaluator:
         from lorafleet.export.compiler.models import load_model
         from lorafleet.export.formats.quantization import Quantization
 
-        self.loaded = load_model(model_spec)
-        quantization = Quantization.parse(quantize)
-        if quantization.enabled:
-            from lorafleet.export.compiler.quantize import dequantize_model, quantize_model
+        self.loaded = load_model(model_spec, quantization=Quantization.parse(quantize))
+        if self.loaded.quantization is not None:
+            from lorafleet.export.compiler.quantize import dequantize_model
 
-            quantize_model(self.loaded.model, quantization)
             dequantize_model(self.loaded.model)
         self.splits, self.config = splits, config
         self._baseline: dict[str, SplitResult] | None = None  # the untrained model's, kept for later runs
