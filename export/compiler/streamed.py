@@ -7,8 +7,7 @@ usual), :func:`quantize_model` turns it into quantized modules whose stored tens
 :func:`fill_quantized` then reads the checkpoint one tensor at a time (safetensors: a single file or the shards
 ``save_pretrained`` writes), quantizes each matrix as it is read and drops it::
 
-    peak ≈ the quantized model + one fp32 tensor (the largest: the vocabulary matrix) and its quantization's
-           temporaries
+    peak ≈ the quantized model + QUANTIZE_ROWS rows of one matrix in fp32 and their quantization's temporaries
 
 The stored bytes are those of ``quantize_model`` on the fp32 model (the same function of the same values),
 so a package exported this way computes with exactly the weights of one exported the other way.
@@ -60,8 +59,9 @@ class Checkpoint:
     def __contains__(self, name: str) -> bool:
         return name in self._where
 
-    def read(self, name: str, shape: torch.Size) -> torch.Tensor:
-        """The tensor stored for ``name`` in fp32, checked against the ``shape`` the model's config gives it."""
+    def read(self, name: str, shape: torch.Size, rows: slice | None = None) -> torch.Tensor:
+        """The tensor stored for ``name`` in fp32 (only its ``rows`` when given: the rest is not read), checked
+        against the ``shape`` the model's config gives the whole tensor."""
         from safetensors import SafetensorError, safe_open
 
         if name not in self._where:
@@ -69,12 +69,14 @@ class Checkpoint:
         f, key = self._where[name]
         try:
             with safe_open(str(f), framework="pt") as handle:
-                tensor = handle.get_tensor(key).to(torch.float32, copy=True)
+                part = handle.get_slice(key)
+                stored = tuple(int(d) for d in part.get_shape())
+                if stored != tuple(shape):
+                    raise ModelSpecError(f"{self.path}: {key} is {list(stored)}, the model's config makes it "
+                                         f"{list(shape)}")
+                tensor = (part[rows] if rows is not None else handle.get_tensor(key)).to(torch.float32, copy=True)
         except (OSError, SafetensorError) as exc:
             raise ModelSpecError(f"corrupt safetensors file {f}: {str(exc).strip().splitlines()[0]}") from None
-        if tuple(tensor.shape) != tuple(shape):
-            raise ModelSpecError(f"{self.path}: {key} is {list(tensor.shape)}, the model's config makes it "
-                                 f"{list(shape)}")
         return tensor
 
 
@@ -109,7 +111,7 @@ def fill_quantized(model: nn.Module, ckpt: Checkpoint, q: Any) -> None:
     """Give every meta tensor of the quantized ``model`` its value from ``ckpt``: a quantized module's stored
     bytes and scales from its fp32 weight (read, quantized, dropped), every other parameter as stored. A tensor
     shared by two modules (a tied LM head's bytes) is filled once and stays shared."""
-    from lorafleet.export.compiler.quantize import QuantizedEmbedding, QuantizedLinear, quantize_weight
+    from lorafleet.export.compiler.quantize import QuantizedEmbedding, QuantizedLinear
 
     filled: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(meta tensor) -> (meta tensor, its value)
     owners: dict[int, list[str]] = {}  # id(stored bytes) -> the modules sharing them (a tied head and its embedding)
@@ -121,9 +123,7 @@ def fill_quantized(model: nn.Module, ckpt: Checkpoint, q: Any) -> None:
             if isinstance(mod, QuantizedLinear | QuantizedEmbedding) and mod.qweight.is_meta:
                 if id(mod.qweight) not in filled:
                     stored_as = next((n for n in owners[id(mod.qweight)] if n in ckpt), _join(prefix, "weight"))
-                    weight = ckpt.read(stored_as, torch.Size((mod.qweight.shape[0], _in(mod))))
-                    stored, scale = quantize_weight(weight, q)
-                    del weight
+                    stored, scale = _quantized_rows(ckpt, stored_as, mod.qweight, mod.scale, _in(mod), q)
                     filled[id(mod.qweight)] = (mod.qweight, stored)
                     filled[id(mod.scale)] = (mod.scale, scale)
                 mod._buffers["qweight"] = filled[id(mod.qweight)][1]
@@ -144,6 +144,27 @@ def fill_quantized(model: nn.Module, ckpt: Checkpoint, q: Any) -> None:
     if left:
         raise ModelSpecError(f"{ckpt.path}: the checkpoint has no tensor for {len(left)} of the model's "
                              f"(e.g. {left[0]})")
+
+
+QUANTIZE_ROWS = 8192  # rows of a matrix read and quantized at once (a 128k-vocabulary matrix: 16 pieces)
+
+
+def _quantized_rows(ckpt: Checkpoint, name: str, qweight: torch.Tensor, scale: torch.Tensor, width: int,
+                    q: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize_weight`` of the stored matrix ``name``, read and quantized :data:`QUANTIZE_ROWS` rows at a
+    time into the stored tensors' final buffers: every row's groups are quantized on their own, so the bytes are
+    those of the whole matrix at once, while the fp32 rows and the quantizer's temporaries stay one piece's."""
+    from lorafleet.export.compiler.quantize import quantize_weight
+
+    rows = qweight.shape[0]
+    stored = torch.empty(qweight.shape, dtype=qweight.dtype)  # (out, in) int8 or (out, in / 2) packed uint8
+    scales = torch.empty(scale.shape, dtype=scale.dtype)  # (out, in / block)
+    for start in range(0, rows, QUANTIZE_ROWS):
+        stop = min(start + QUANTIZE_ROWS, rows)
+        piece = ckpt.read(name, torch.Size((rows, width)), slice(start, stop))  # (stop - start, in) fp32
+        stored[start:stop], scales[start:stop] = quantize_weight(piece, q)
+        del piece
+    return stored, scales
 
 
 def _in(mod: nn.Module) -> int:
