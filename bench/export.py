@@ -52,15 +52,20 @@ def bench_export(args: argparse.Namespace) -> dict[str, Any]:
     with open(log_path, "w") as log:
         child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": "."})
         proc, peak, peak_rss, killed = psutil.Process(child.pid), 0, 0, False
+        trace = open(args.trace, "w") if args.trace else None  # noqa: SIM115 - closed below
         while child.poll() is None:
             pss, rss = _tree_memory(proc)
             peak, peak_rss = max(peak, pss), max(peak_rss, rss)
+            if trace is not None:  # seconds since start, tree PSS: lines up with the log's "(at N s)" stages
+                trace.write(f"{time.perf_counter() - t0:.1f} {pss / 2**20:.0f}\n")
             if peak > args.limit_gb * 2**30:
                 child.kill()
                 killed = True
                 break
             time.sleep(0.2)
         child.wait()
+        if trace is not None:
+            trace.close()
     wall = time.perf_counter() - t0
     lines = log_path.read_text().splitlines()
     stages = [ln for ln in lines if ln.startswith("[export]")]
@@ -212,6 +217,7 @@ def main() -> None:
     e.add_argument("--quantize", default="none", help="none | int8 | int4[:G], as lorafleet export takes it")
     e.add_argument("--out", required=True)
     e.add_argument("--limit-gb", type=float, default=16.0)
+    e.add_argument("--trace", help="write the tree's PSS (MiB) every 0.2 s to this file, with seconds since start")
     s = sub.add_parser("steps")
     s.add_argument("--package", required=True)
     s.add_argument("--steps", type=int, default=10)

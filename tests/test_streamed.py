@@ -4,6 +4,7 @@ model's, not the fp32 one's."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -148,3 +149,37 @@ def test_a_large_random_spec_streams_from_its_cache_checkpoint(tmp_path, monkeyp
     quantize_model(whole.model, q)
     got, want = streamed.model.state_dict(), whole.model.state_dict()
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_an_eager_step_recomputes_dequantized_weights_for_the_backward():
+    """Inside ``recomputed_dequantization`` the LoRA gradients are the plain autograd ones, while the graph
+    keeps no fp32 weight: only the stored bytes and scales are saved for the backward."""
+    from lorafleet.export.compiler.lora import attach_lora, lora_modules
+    from lorafleet.export.compiler.quantize import recomputed_dequantization
+    from lorafleet.export.formats.program import LoraSpec
+
+    model = load_model("random:tiny", attn_implementation="eager", quantization=Quantization.parse("int4:16")).model
+    peft = attach_lora(model, LoraSpec(4, ("q_proj", "v_proj"), 8.0, False), seed=0)
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    params = [p for m in lora_modules(peft).values() for p in (m.lora_A["default"].weight, m.lora_B["default"].weight)]
+
+    def step(recompute: bool) -> tuple[list[torch.Tensor], int]:
+        saved: list[torch.Tensor] = []
+
+        def keep(t: torch.Tensor) -> torch.Tensor:
+            saved.append(t)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            with recomputed_dequantization() if recompute else contextlib.nullcontext():
+                loss = peft(input_ids=ids, labels=ids, use_cache=False).loss
+                grads = list(torch.autograd.grad(loss, params))
+        float_weights = sum(t.numel() for t in saved if t.dtype == torch.float32 and t.dim() == 2
+                            and t.shape[-1] == model.config.hidden_size and t.shape[0] in (
+                                model.config.hidden_size, model.config.intermediate_size, model.config.vocab_size))
+        return grads, float_weights
+
+    plain, plain_saved = step(False)
+    recomputed, recomputed_saved = step(True)
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(plain, recomputed, strict=True))
+    assert plain_saved > 0 and recomputed_saved < plain_saved / 4

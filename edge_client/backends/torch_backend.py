@@ -65,10 +65,13 @@ class TorchBackend:
         """One forward/backward/AdamW step on ``batch``; returns the loss before the update."""
         import torch
 
+        from lorafleet.export.compiler.quantize import recomputed_dequantization
+
         ids = torch.as_tensor(batch.input_ids, dtype=torch.long, device=self.device)  # (B, S)
         labels = torch.as_tensor(batch.labels, dtype=torch.long, device=self.device)  # (B, S), unshifted, -100 ignored
-        loss = self.model(input_ids=ids, labels=labels, use_cache=False).loss
-        grads = torch.autograd.grad(loss, self.params)
+        with recomputed_dequantization():  # a quantized base: no dequantized weight kept for the backward
+            loss = self.model(input_ids=ids, labels=labels, use_cache=False).loss
+            grads = torch.autograd.grad(loss, self.params)
         self.optimizer.step(list(grads))
         return float(loss.detach())
 

@@ -34,6 +34,9 @@ is dequantized :data:`HEAD_CHUNK_ROWS` vocabulary rows at a time.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,6 +91,46 @@ def dequantize(stored: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (values.reshape(out, groups, -1) * scale.unsqueeze(-1)).reshape(out, -1)
 
 
+_RECOMPUTE = contextvars.ContextVar("lorafleet_recompute_dequantized", default=False)
+
+
+@contextlib.contextmanager
+def recomputed_dequantization() -> Iterator[None]:
+    """Eager autograd inside the block keeps no dequantized weight for the backward: each quantized linear's
+    backward dequantizes its weight again from the stored bytes, as the exported programs do, so an eager
+    training step (the verification's oracle, the torch backend) holds one layer's weight at a time, not the
+    whole model in fp32. The values are the same; tracing for export happens outside it and sees plain ops."""
+    token = _RECOMPUTE.set(True)
+    try:
+        yield
+    finally:
+        _RECOMPUTE.reset(token)
+
+
+class _RecomputedLinear(torch.autograd.Function):
+    """``linear(x, q · s, bias)`` whose backward recomputes ``q · s`` for ``dL/dx = dL/dy · W`` instead of
+    saving it (the stored bytes and scales are frozen: no gradient for them or the bias)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, stored: torch.Tensor, scale: torch.Tensor,
+                bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(stored, scale)
+        return nn.functional.linear(x, dequantize(stored, scale), bias)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
+        stored, scale = ctx.saved_tensors
+        grad_x = grads[0].matmul(dequantize(stored, scale)) if ctx.needs_input_grad[0] else None  # (..., in)
+        return grad_x, None, None, None
+
+
+def _linear(x: torch.Tensor, stored: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if _RECOMPUTE.get() and torch.is_grad_enabled():
+        out: torch.Tensor = _RecomputedLinear.apply(x, stored, scale, bias)
+        return out
+    return nn.functional.linear(x, dequantize(stored, scale), bias)
+
+
 class QuantizedLinear(nn.Linear):
     """A frozen ``nn.Linear`` whose weight is stored quantized (buffers ``qweight``, ``scale``).
 
@@ -124,12 +167,12 @@ class QuantizedLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = self.chunk_rows
         if rows <= 0 or rows >= self.out_features:
-            return nn.functional.linear(x, self.dequantized(), self.bias)
+            return _linear(x, self.qweight, self.scale, self.bias)
         parts = []
         for start in range(0, self.out_features, rows):
             stop = min(start + rows, self.out_features)
-            w = dequantize(self.qweight[start:stop], self.scale[start:stop])
-            parts.append(nn.functional.linear(x, w, None if self.bias is None else self.bias[start:stop]))
+            parts.append(_linear(x, self.qweight[start:stop], self.scale[start:stop],
+                                 None if self.bias is None else self.bias[start:stop]))
         return torch.cat(parts, dim=-1)
 
     def extra_repr(self) -> str:
@@ -341,5 +384,5 @@ def quality_probe(model: Any, tokenizer: Any | None, seq_len: int) -> QualityPro
 
 
 __all__ = ["DEFAULT_GROUP", "FIXED_TEXT", "HEAD_CHUNK_ROWS", "QualityProbe", "QuantizedEmbedding", "QuantizedLinear",
-           "QuantizedSummary", "quality_probe",
+           "QuantizedSummary", "quality_probe", "recomputed_dequantization",
            "Quantization", "check_quantizable", "dequantize", "quantize_model", "quantize_weight"]

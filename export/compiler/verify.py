@@ -62,13 +62,15 @@ def probe_adapter(like: Adapter, spec: LoraSpec, *, seed: int = 1234) -> Adapter
 def eager_step(peft_model: Any, loss_module: Any, batch: tuple[torch.Tensor, torch.Tensor]) -> StepResult:
     """Loss and LoRA gradients of the eager PEFT model (the oracle); leaves no gradients behind."""
     from lorafleet.export.compiler.lora import lora_modules
+    from lorafleet.export.compiler.quantize import recomputed_dequantization
 
     layers = lora_modules(peft_model)
     params = [p for m in layers.values() for p in (m.lora_A["default"].weight, m.lora_B["default"].weight)]
     for p in params:
         p.grad = None
-    loss = loss_module(*batch)
-    loss.backward()
+    with recomputed_dequantization():  # a quantized base: one layer's weight dequantized at a time, as on device
+        loss = loss_module(*batch)
+        loss.backward()
     grads = {f"{PEFT_PREFIX}{name}.lora_{which}.weight": factors["default"].weight.grad.detach().clone()
              for name, m in layers.items() for which, factors in (("A", m.lora_A), ("B", m.lora_B))}
     for p in params:
