@@ -170,10 +170,10 @@ def test_an_eager_step_recomputes_dequantized_weights_for_the_backward():
             saved.append(t)
             return t
 
-        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-            with recomputed_dequantization() if recompute else contextlib.nullcontext():
-                loss = peft(input_ids=ids, labels=ids, use_cache=False).loss
-                grads = list(torch.autograd.grad(loss, params))
+        recomputing = recomputed_dequantization() if recompute else contextlib.nullcontext()
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), recomputing:
+            loss = peft(input_ids=ids, labels=ids, use_cache=False).loss
+            grads = list(torch.autograd.grad(loss, params))
         float_weights = sum(t.numel() for t in saved if t.dtype == torch.float32 and t.dim() == 2
                             and t.shape[-1] == model.config.hidden_size and t.shape[0] in (
                                 model.config.hidden_size, model.config.intermediate_size, model.config.vocab_size))

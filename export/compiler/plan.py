@@ -14,11 +14,13 @@ quantization's group widths. Then the plan reports:
 * **time and peak memory** — from rates measured on this project's 2-core x86-64 machine with no other load
   (:data:`RATES`; docs/BENCHMARKS.md "Export dry-run" has the runs they were fitted on and the held-out runs
   that check them): an ExecuTorch lowering or an ONNX export of a rank costs a fixed part, a part per decoder
-  layer (the graph) and a part per GB of fp32 weights. The export holds the fp32 model (it is not streamed
-  yet), so the peak is the runtimes' libraries plus a measured multiple of the fp32 weight bytes. On the
-  held-out exports the time came within 12 % and the fp32 peak within 6 %; a quantized export's peak is
-  predicted on the high side (1.5× for the 1B int4 one). A faster CPU finishes sooner; the memory does not
-  change with the CPU.
+  layer (the graph) and a part per GB of fp32 weights. An export that holds the fp32 model peaks at the
+  runtimes' libraries plus a measured multiple of the fp32 weight bytes. A quantized base streamed from its
+  checkpoint (:func:`lorafleet.export.compiler.models.has_checkpoint`) is never held in fp32: its ONNX export
+  peaks at the libraries plus a measured multiple of the quantized foundation's bytes; its ExecuTorch
+  lowering has not been measured streamed, so it keeps the fp32 rule (an upper bound). On the held-out exports
+  the time came within 12 % and the fp32 peak within 6 %; a quantized export's peak is predicted on the high
+  side (1.5× for the 1B int4 one). A faster CPU finishes sooner; the memory does not change with the CPU.
 
 The plan says whether the predicted peak fits the memory free now.
 """
@@ -57,6 +59,10 @@ class Rates:
         "executorch": 3.0,  # 1B: 15.7 GB PSS for 4.94 GB of weights; SmolLM2-135M: 2.2 GiB
         "onnx": 1.9,  # 1B ONNX only: 10.1 GB; SmolLM2-135M: 1.8 GiB
         "quantized": 3.2})  # random:qwen2.5-0.5b int4 ONNX: 6.8 GiB
+    # a streamed quantized base, ONNX: the peak above the libraries per byte of the quantized foundation
+    # (docs/BENCHMARKS.md "Streamed export"): Llama-3.2-1B-shaped int4 4.0 GiB PSS for 0.77 GB stored (fit);
+    # random:llama-3.2-3b int4 7.77 GiB for 2.01 GB (held out: predicted 14 % high)
+    onnx_peak_per_stored_byte_streamed: float = 4.2
     onnx_bytes_per_layer: float = 61e3  # SmolLM2-135M: rank-4 ONNX files 2.77 MB, rank-32 9.22 MB (30 layers)
     onnx_factor_multiple: float = 1.0  # × the LoRA factors' fp32 bytes
     et_bytes_per_layer: float = 98e3  # SmolLM2-135M: rank-4 programs 6.34 MB, rank-32 29.65 MB
@@ -143,10 +149,21 @@ def plan_export(cfg: Any, rates: Rates = RATES) -> ExportPlan:
     if "executorch" in cfg.runtimes:
         per_rank = rates.et_rank_s + rates.et_rank_s_per_layer * layers + rates.et_rank_s_per_gb * gb
         seconds["executorch"] = n * per_rank * (rates.et_quantized_factor if q.enabled else 1.0)
-    k = max(rates.peak_per_fp32_byte[key] for key in [*cfg.runtimes, *(["quantized"] if q.enabled else [])])
-    peak = round(rates.runtime_bytes + k * fp32_bytes)
+    peak = round(rates.runtime_bytes + peak_above_runtimes(cfg, rates, fp32_bytes, weight_bytes))
     step = {r: estimate(info, list(cfg.target_modules), r, cfg.seq_len, cfg.batch_size,
                         weight_bytes=step_weights).training_peak_memory_bytes for r in cfg.ranks}
     return ExportPlan(cfg.model, info.model_type, info.num_parameters, layers, cfg.quantize, tuple(cfg.runtimes),
                       tuple(cfg.ranks), foundation, rank_bytes, seconds, peak,
                       psutil.virtual_memory().available, step)
+
+
+def peak_above_runtimes(cfg: Any, rates: Rates, fp32_bytes: int, stored_bytes: int) -> float:
+    """The export's peak memory above its libraries: a multiple of the fp32 weights while the export holds the
+    fp32 model, of the quantized foundation when the base is streamed (ONNX Runtime only: measured)."""
+    from lorafleet.export.compiler.models import has_checkpoint
+
+    q = cfg.quantization
+    if q.enabled and has_checkpoint(cfg.model) and set(cfg.runtimes) == {"onnx"}:
+        return rates.onnx_peak_per_stored_byte_streamed * stored_bytes
+    k = max(rates.peak_per_fp32_byte[key] for key in [*cfg.runtimes, *(["quantized"] if q.enabled else [])])
+    return k * fp32_bytes
