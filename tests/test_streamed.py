@@ -145,6 +145,7 @@ def test_a_large_random_spec_streams_from_its_cache_checkpoint(tmp_path, monkeyp
     q = Quantization.parse("int4:16")
     streamed = load_model("random:tiny", attn_implementation="eager", quantization=q)
     assert streamed.streamed and models.checkpoint_dir("random:tiny") == tmp_path / "cache/models/random/tiny-seed0"
+    assert streamed.tokenizer is not None  # a random model's byte tokenizer, as when it is built in memory
     whole = load_model("random:tiny", attn_implementation="eager")  # fp32: read from the same checkpoint
     quantize_model(whole.model, q)
     got, want = streamed.model.state_dict(), whole.model.state_dict()

@@ -153,9 +153,9 @@ def load_model(spec: str | ModelSpec, *, seed: int = 0, attn_implementation: str
     """Load a spec as a ``transformers`` causal LM in eval mode: fp32, or with an enabled ``quantization`` its
     frozen base quantized (:func:`lorafleet.export.compiler.quantize.quantize_model`'s bytes).
 
-    A quantized base is streamed from the spec's safetensors checkpoint when it has one (a Hugging Face
-    directory, the embedded model's converted one: :func:`checkpoint_dir`), so the fp32 model is never held
-    whole; random weights and GGUF files are built or read in fp32 first, then quantized.
+    A quantized base is streamed from the spec's safetensors checkpoint when it has one (:func:`has_checkpoint`:
+    a Hugging Face directory, the embedded model's converted one, a large random model's), so the fp32 model is
+    never held whole; smaller random models and GGUF files are built or read in fp32 first, then quantized.
     ``attn_implementation="eager"`` is what export needs (SDPA's backward is not core ATen).
     Random-weight specs are deterministic in ``seed``.
     """
@@ -229,7 +229,13 @@ def _load_quantized(ms: ModelSpec, q: Quantization, *, seed: int, attn_implement
     summary = quantize_model(model, q)  # quantized modules whose tensors are still meta (checks the widths)
     fill_quantized(model, Checkpoint(path, rename), q)
     _generation_config(model, path)
-    tokenizer = _tokenizer(path) if with_tokenizer else None
+    tokenizer = None
+    if with_tokenizer and ms.kind == "random":  # the byte tokenizer every random model has
+        from lorafleet.export.compiler.tokenizer import byte_tokenizer
+
+        tokenizer = byte_tokenizer()
+    elif with_tokenizer:
+        tokenizer = _tokenizer(path)
     return LoadedModel(model.eval(), tokenizer, info, summary, streamed=True)
 
 
@@ -385,7 +391,7 @@ def random_checkpoint(arch_name: str, seed: int) -> Path:
     from lorafleet.export.compiler.streamed import write_random_checkpoint
 
     out = cache_dir() / "models" / "random" / f"{arch_name}-seed{seed}"
-    if not (out / "model.safetensors.index.json").is_file():  # the last file written before the rename
+    if not (out / "model.safetensors.index.json").is_file():  # the directory is renamed into place whole
         arch = ARCHITECTURES[arch_name]
         need = 2 * parameter_count(arch_name)  # bf16
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -83,7 +83,8 @@ class Checkpoint:
 @contextlib.contextmanager
 def parameters_on_meta() -> Iterator[None]:
     """Modules built inside get their parameters on the meta device and keep real buffers (rotary tables,
-    embedding scales: computed from the config, not stored). What ``accelerate.init_empty_weights`` does."""
+    embedding scales: computed from the config, not stored). What ``accelerate.init_empty_weights`` does; like
+    it, process-wide while the block runs (a model is built in a fraction of a second: nothing else is)."""
     register = nn.Module.register_parameter
 
     def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
