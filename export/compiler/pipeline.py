@@ -295,7 +295,8 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = lambda _msg: None
     model = lm.model
     quantization: dict[str, Any] = {}
     if cfg.quantization.enabled:
-        log(f"quantize the base weights ({cfg.quantize})")
+        log(f"compare the {cfg.quantize} base streamed from its checkpoint with fp32 on a fixed text" if lm.streamed
+            else f"quantize the base weights ({cfg.quantize})")
         t0 = time.perf_counter()
         quantization = quantize_base(lm, cfg.quantization, cfg.seq_len)
         seconds["quantize"] = time.perf_counter() - t0
