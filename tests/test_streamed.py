@@ -130,7 +130,7 @@ def test_a_random_checkpoint_is_written_module_by_module_and_seeded(tmp_path, mo
     assert all(torch.equal(a[k], b[k]) for k in a) and not torch.equal(a["model.layers.0.mlp.up_proj.weight"],
                                                                        c["model.layers.0.mlp.up_proj.weight"])
     shards = sorted((tmp_path / "a").glob("*.safetensors"))
-    assert len(shards) > 2 and not list(tmp_path.glob(".a-*"))  # shards, no staging left behind
+    assert len(shards) > 2 and not list(tmp_path.glob(".a.*"))  # shards, no staging left behind
     stored = {k for f in shards for k in load_file(f)}
     assert "lm_head.weight" not in stored and "model.embed_tokens.weight" in stored  # a tied head: once
     assert torch.equal(a["model.norm.weight"], torch.ones(64))  # the model's own init: norms 1, linears N(0, σ)

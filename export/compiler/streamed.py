@@ -220,19 +220,17 @@ def write_random_checkpoint(config: Any, out: Path, seed: int) -> None:
     bf16 safetensors shards of at most :data:`SHARD_BYTES` and their index, as ``save_pretrained`` writes a
     published checkpoint), one module at a time: each module's parameters are made, initialized by the model's
     own ``_init_weights``, written and dropped, so a model far larger than memory can be written. A tied LM
-    head is stored once, as the embedding. Written into a sibling directory and renamed into place."""
+    head is stored once, as the embedding. Written through :func:`lorafleet.export.formats.atomic.atomic_dir`."""
     import json
     import os
-    import shutil
-    import tempfile
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
+    from lorafleet.export.formats.atomic import atomic_dir
+
     model = empty_model(config)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size, total = 0, 0
     seen: set[int] = set()  # meta parameters written already (a tied head's is the embedding's)
-    try:
+    with atomic_dir(out, overwrite=True) as staging:
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             torch.manual_seed(seed)
             for prefix, mod in model.named_modules():
@@ -255,18 +253,13 @@ def write_random_checkpoint(config: Any, out: Path, seed: int) -> None:
                     size, total = size + nbytes, total + nbytes
             _write_shard(shards[-1], staging, len(shards))
         weight_map: dict[str, str] = {}
-        for i, shard in enumerate(shards, 1):
+        for i, shard in enumerate(shards, 1):  # the count is known only now: shards are named at the end
             name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
             os.replace(staging / f"part-{i}.safetensors", staging / name)
             weight_map.update(dict.fromkeys(shard, name))
         (staging / "model.safetensors.index.json").write_text(json.dumps(
             {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
         config.save_pretrained(staging)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _write_shard(shard: dict[str, torch.Tensor], root: Path, i: int) -> None:
